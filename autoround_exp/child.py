@@ -1,0 +1,75 @@
+"""Run a stage in a child process: blocking wait, a timeout, output to a log file, and the
+whole process group ended on timeout, error or Ctrl-C so nothing is left running."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+class ChildFailed(RuntimeError):
+    def __init__(self, what: str, returncode: int | None, log_path: Path):
+        tail = _tail(log_path)
+        status = "timed out" if returncode is None else f"exited with {returncode}"
+        super().__init__(f"{what} {status}; log: {log_path}\n{tail}")
+        self.returncode = returncode
+        self.log_path = log_path
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: Linux sends it SIGKILL if the parent dies (even by kill -9)."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run(argv: list[str], log_path: Path, timeout_s: float, what: str, env: dict | None = None) -> None:
+    """Run ``argv`` (never through a shell) and raise ``ChildFailed`` unless it exits 0."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+            preexec_fn=_die_with_parent,
+        )
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise ChildFailed(what, None, log_path) from None
+        except BaseException:
+            _kill_group(proc)
+            raise
+        # The child may have started helpers of its own (vLLM workers, a server).
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if rc != 0:
+        raise ChildFailed(what, rc, log_path)

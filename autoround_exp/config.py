@@ -1,0 +1,308 @@
+"""Typed schema of every config group, and the one place a composed config is checked.
+
+``validate`` runs before any heavy import (torch, llm-compressor, lm-eval, MLflow) or any
+write: a bad value fails in well under a second with a message that names the key and
+what to set instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+METHODS = ("autoround", "rtn", "none")
+BACKENDS = ("hf",)
+DEVICES = ("auto", "cpu", "cuda")
+CALIBRATION_MODES = ("truncate", "pack")
+MODALITIES = ("text", "vision-language")
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot run; the message says what to change."""
+
+
+@dataclass
+class CalibrationConfig:
+    # A hub data set id (fetched with auto-round's get_dataset, as upstream's example),
+    # or a local .jsonl (one object per line with `text_column`) or .txt file.
+    source: str = "NeelNanda/pile-10k"
+    text_column: str = "text"
+    nsamples: int = 128
+    seqlen: int = 2048
+    # truncate: keep texts of at least seqlen tokens and cut them (auto-round's way);
+    # pack: concatenate all texts and cut the stream into seqlen-token samples.
+    mode: str = "truncate"
+    seed: int = 42
+
+
+@dataclass
+class CalibrationOverrides:
+    """Top-level ``calibration.*``: a set value replaces the model's default."""
+
+    source: str | None = None
+    text_column: str | None = None
+    nsamples: int | None = None
+    seqlen: int | None = None
+    mode: str | None = None
+    seed: int | None = None
+
+
+@dataclass
+class LocalTaskData:
+    """gsm8k-format jsonl files (train.jsonl for the few-shot pool, test.jsonl scored)."""
+
+    path: str = MISSING
+    name: str = "local"  # the task is registered as <task>_<name>
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: str = MISSING  # hub repo id or local directory
+    revision: str = "main"
+    display_name: str = MISSING  # prefix of checkpoint names, as upstream names them
+    modality: str = "text"
+    dtype: str = "bfloat16"  # NVFP4 checkpoints only run in bfloat16 on compressed-tensors
+    trust_remote_code: bool = False
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+    # in_features of the quantized Linear layers: group sizes must divide each one.
+    linear_in_features: list[int] = field(default_factory=list)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval_data: dict[str, LocalTaskData] = field(default_factory=dict)
+
+
+@dataclass
+class SchemeConfig:
+    name: str = MISSING
+    preset: str = MISSING  # llm-compressor / compressed-tensors preset scheme name
+    label: str = MISSING  # checkpoint-name suffix, upstream style (NVFP4, W4A16-G128)
+    group_size: int | None = None
+    autoround: bool = True  # AutoRoundModifier can tune this scheme
+    # RTN needs calibration data only to observe static activation scales (NVFP4's global one).
+    calibrate_rtn: bool = False
+    description: str = ""
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+    label: str = MISSING  # checkpoint-name suffix: AutoRound, RTN
+    iters: int = 0
+    batch_size: int = 8
+    lr: float | None = None  # None: auto-round's default (1/iters)
+    enable_torch_compile: bool | None = None  # None: on with CUDA, off on CPU
+    disable_opt_rtn: bool = False
+
+
+@dataclass
+class EvalConfig:
+    name: str = MISSING
+    task: str = MISSING  # lm-eval task name
+    task_yaml: str = MISSING  # the stock task's YAML, relative to lm_eval/tasks
+    modality: str = "text"
+    num_fewshot: int = 5
+    add_bos_token: bool = True
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
+    limit: int | None = None  # None: the whole test split
+    batch_size: str = "auto"  # lm-eval's; "auto" becomes 16 on CPU where it probes poorly
+    max_gen_toks: int | None = None
+    seed: int = 0
+    timeout_s: int = 4 * 3600
+    # A local folder replacing the task's hub data set (None: the model's default, if any);
+    # the task is then registered as <task>_<data_name>.
+    data_path: str | None = None
+    data_name: str = "local"
+
+
+@dataclass
+class ServeConfig:
+    backend: str = "hf"
+    python: str | None = None  # interpreter of the evaluation child; None: this one
+    device: str = "auto"
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "autoround-exp"
+    artifact_root: str = "mlartifacts"  # used when the experiment is created
+
+
+@dataclass
+class PathsConfig:
+    results: str = "results"  # small JSON per run; read by the report
+    work: str = "outputs"  # checkpoints and lm-eval outputs
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = MISSING
+    scheme: SchemeConfig = MISSING
+    method: MethodConfig = MISSING
+    eval: EvalConfig = MISSING
+    serve: ServeConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    calibration: CalibrationOverrides = field(default_factory=CalibrationOverrides)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    iters: int = 200
+    baselines: bool = True  # also make sure the model's `none` and `rtn` results exist
+    force: bool = False  # recompute even when a finished result is stored
+
+
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+
+
+def register_configs() -> None:
+    """The schema, and each ``sweeps/*.yaml`` preset as ``+sweep=<name>``."""
+    from hydra.core.config_store import ConfigStore
+
+    from autoround_exp.assets import register_resolver
+
+    register_resolver()
+    cs = ConfigStore.instance()
+    cs.store(name="experiment_schema", node=ExperimentConfig)
+    for path in sorted(SWEEPS.glob("*.yaml")):
+        cs.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A validated run: typed groups plus the calibration actually used."""
+
+    model: ModelConfig
+    scheme: SchemeConfig
+    method: MethodConfig
+    eval: EvalConfig
+    serve: ServeConfig
+    tracking: TrackingConfig
+    paths: PathsConfig
+    calibration: CalibrationConfig
+    eval_data: LocalTaskData | None
+    baselines: bool
+    force: bool
+    resolved: dict[str, Any]  # the whole resolved config, for logging
+
+    @property
+    def quantized(self) -> bool:
+        return self.method.name != "none"
+
+    @property
+    def checkpoint_name(self) -> str:
+        if not self.quantized:
+            return self.model.display_name
+        return f"{self.model.display_name}-{self.scheme.label}-{self.method.label}"
+
+    @property
+    def lm_eval_task(self) -> str:
+        return f"{self.eval.task}_{self.eval_data.name}" if self.eval_data else self.eval.task
+
+    def with_method(self, method: MethodConfig) -> Experiment:
+        """The same experiment under another method (the baselines of a sweep)."""
+        from dataclasses import replace
+
+        resolved = {**self.resolved, "method": vars(method).copy()}
+        return replace(self, method=method, resolved=resolved)
+
+
+def _choices(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value} is unknown; choose one of {', '.join(map(str, allowed))}.")
+
+
+def _is_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+
+
+def validate(cfg: DictConfig) -> Experiment:
+    """Turn a composed config into an ``Experiment`` or raise ``ConfigError``."""
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        typed: ExperimentConfig = OmegaConf.to_object(cfg)
+    except Exception as e:  # omegaconf's own errors already name the key
+        raise ConfigError(str(e)) from e
+
+    m, s, q, ev, sv = typed.model, typed.scheme, typed.method, typed.eval, typed.serve
+
+    if not isinstance(typed.iters, int) or typed.iters < 0:
+        raise ConfigError(f"iters={typed.iters} is invalid; set iters to an integer >= 0 (e.g. iters=0 or iters=200).")
+    _choices("method", q.name, METHODS)
+    _choices("serve.backend", sv.backend, BACKENDS)
+    _choices("serve.device", sv.device, DEVICES)
+    _choices("model.modality", m.modality, MODALITIES)
+
+    if q.name == "autoround":
+        if not s.autoround:
+            raise ConfigError(
+                f"scheme={s.name} cannot be tuned by AutoRoundModifier; use method=rtn, "
+                "or a scheme with autoround: true."
+            )
+        if q.iters < 0:
+            raise ConfigError(f"method.iters={q.iters} is invalid; set iters to an integer >= 0.")
+        if q.batch_size < 1:
+            raise ConfigError(f"method.batch_size={q.batch_size} is invalid; set an integer >= 1.")
+        if q.lr is not None and q.lr <= 0:
+            raise ConfigError(f"method.lr={q.lr} is invalid; set a positive number or null.")
+    if q.name != "none" and s.group_size:
+        bad = [k for k in m.linear_in_features if k % s.group_size]
+        if bad:
+            raise ConfigError(
+                f"scheme={s.name} uses groups of {s.group_size}, which do not divide the in_features {bad} of "
+                f"model={m.name}; choose a scheme whose group size divides {m.linear_in_features}."
+            )
+
+    if ev.modality == "vision-language" and m.modality != "vision-language":
+        raise ConfigError(f"eval={ev.name} needs a vision-language model; model={m.name} is text-only.")
+    if ev.limit is not None and ev.limit <= 0:
+        raise ConfigError(f"eval.limit={ev.limit} is invalid; set a positive integer, or null for the whole test set.")
+    if ev.num_fewshot < 0:
+        raise ConfigError(f"eval.num_fewshot={ev.num_fewshot} is invalid; set an integer >= 0.")
+    if ev.batch_size != "auto" and not str(ev.batch_size).isdigit():
+        raise ConfigError(f"eval.batch_size={ev.batch_size} is invalid; set auto or a positive integer.")
+
+    if _is_local(m.path) and not Path(m.path).expanduser().is_dir():
+        raise ConfigError(f"model.path={m.path} does not exist; set model.path to a model directory or a hub id.")
+
+    calib = CalibrationConfig(
+        **{**vars(m.calibration), **{k: v for k, v in vars(typed.calibration).items() if v is not None}}
+    )
+    _choices("calibration.mode", calib.mode, CALIBRATION_MODES)
+    if calib.nsamples < 1 or calib.seqlen < 1:
+        raise ConfigError(
+            f"calibration.nsamples={calib.nsamples}, calibration.seqlen={calib.seqlen}: both must be >= 1."
+        )
+    if q.name != "none" and _is_local(calib.source) and not Path(calib.source).expanduser().is_file():
+        raise ConfigError(
+            f"calibration.source={calib.source} does not exist; set a .jsonl/.txt file or a hub data set id."
+        )
+
+    eval_data = LocalTaskData(ev.data_path, ev.data_name) if ev.data_path else m.eval_data.get(ev.task)
+    if eval_data is not None:
+        for split in ("train.jsonl", "test.jsonl"):
+            if not (Path(eval_data.path) / split).is_file():
+                raise ConfigError(
+                    f"eval data {eval_data.path} has no {split}; set eval.data_path to a folder with "
+                    "train.jsonl and test.jsonl in the task's format."
+                )
+
+    if sv.python is not None and not Path(sv.python).is_file():
+        raise ConfigError(f"serve.python={sv.python} does not exist; set the serve environment's python, or null.")
+
+    return Experiment(
+        model=m,
+        scheme=s,
+        method=q,
+        eval=ev,
+        serve=sv,
+        tracking=typed.tracking,
+        paths=typed.paths,
+        calibration=calib,
+        eval_data=eval_data,
+        baselines=typed.baselines,
+        force=typed.force,
+        resolved=resolved,
+    )

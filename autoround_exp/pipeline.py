@@ -1,0 +1,128 @@
+"""One job: quantize -> evaluate -> log, with the sweep's baselines made sure of first."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from autoround_exp import lmeval_results, store
+from autoround_exp.config import Experiment, MethodConfig
+from autoround_exp.evaluate import evaluate
+from autoround_exp.quantize import QuantResult, quantize
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@dataclass
+class Outcome:
+    name: str
+    key: str
+    status: str  # done | reused
+    metrics: dict
+    mlflow_run_id: str | None
+    record_path: str
+
+
+def method_config(name: str) -> MethodConfig:
+    node = OmegaConf.merge(OmegaConf.structured(MethodConfig), OmegaConf.load(CONF / "method" / f"{name}.yaml"))
+    return OmegaConf.to_object(node)
+
+
+def baselines_of(exp: Experiment) -> list[Experiment]:
+    """The unquantized and RTN runs that put ``exp``'s numbers in context."""
+    if not exp.baselines or exp.method.name == "none":
+        return []
+    names = ["none"] + (["rtn"] if exp.method.name != "rtn" else [])
+    return [exp.with_method(method_config(n)) for n in names]
+
+
+def run_name(exp: Experiment) -> str:
+    name = f"{exp.model.name}-{exp.scheme.name}-{exp.method.name}" if exp.quantized else f"{exp.model.name}-base"
+    if exp.method.name == "autoround":
+        name += f"-iters{exp.method.iters}"
+    return name
+
+
+def run_one(exp: Experiment, sweep_id: str) -> Outcome:
+    qkey, key = store.keys(exp)
+    results = store.Store(exp.paths.results)
+    name = run_name(exp)
+    found = results.find(key)
+    if found is not None and not exp.force:
+        return Outcome(name, key, "reused", found["metrics"], found.get("mlflow_run_id"), str(results.runs))
+
+    work = Path(exp.paths.work).resolve()
+    logs = work / "logs" / key
+    quant: QuantResult | None = None
+    if exp.quantized:
+        ckpt = work / "checkpoints" / qkey / exp.checkpoint_name
+        if exp.force and (ckpt / "quantization.json").exists():
+            (ckpt / "quantization.json").unlink()
+        quant = quantize(exp, ckpt, logs / "quantize.log")
+        checkpoint = quant.checkpoint
+    else:
+        checkpoint = exp.model.path
+
+    ev = evaluate(exp, checkpoint, work / "evals" / key, logs / "lm_eval.log")
+    results_json = lmeval_results.load(ev.results_path)
+    rows = lmeval_results.metrics(results_json)
+    record = {
+        "name": name,
+        "key": key,
+        "quant_key": qkey,
+        "sweep_id": sweep_id,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": {"name": exp.model.name, "path": exp.model.path, "display_name": exp.model.display_name},
+        "scheme": exp.scheme.name if exp.quantized else None,
+        "method": exp.method.name,
+        "iters": exp.method.iters if exp.method.name == "autoround" else None,
+        "checkpoint": checkpoint,
+        "checkpoint_name": exp.checkpoint_name,
+        "quantization": asdict(quant) if quant else None,
+        "calibration": quant.calibration if quant else None,
+        "eval": {
+            "task": exp.lm_eval_task,
+            "backend": ev.backend,
+            "device": ev.device,
+            "platform": ev.platform,
+            "seconds": ev.seconds,
+            "task_versions": results_json.get("versions", {}),
+            "results_json": ev.results_path,
+            "command": ev.command,
+        },
+        "metrics": lmeval_results.mlflow_metrics(rows),
+        "table": [asdict(r) for r in rows],
+        "versions": store.versions(),
+        "config": exp.resolved,
+        "mlflow_run_id": None,
+    }
+    if exp.tracking.enabled:
+        from autoround_exp.tracking import log_run
+
+        artifacts = {
+            "lm_eval": [ev.results_path, *ev.samples_paths, str(Path(ev.output_dir) / "command.txt")],
+            "logs": [str(p) for p in logs.glob("*.log")],
+        }
+        if quant:
+            artifacts["checkpoint"] = [
+                str(Path(checkpoint) / f) for f in ("recipe.yaml", "quantization.json", "config.json")
+            ]
+        record["mlflow_run_id"] = log_run(exp, record, artifacts, lmeval_results.table(results_json))
+    path = results.save(record)
+    return Outcome(name, key, "done", record["metrics"], record["mlflow_run_id"], str(path))
+
+
+def run_experiment(exp: Experiment, sweep_id: str) -> list[Outcome]:
+    outcomes = []
+    for job in [*baselines_of(exp), exp]:
+        outcome = run_one(job, sweep_id)
+        strict = {k: v for k, v in outcome.metrics.items() if "strict-match" in k or "relaxed" in k}
+        print(
+            f"[{outcome.status}] {outcome.name} key={outcome.key} {strict} mlflow_run={outcome.mlflow_run_id}",
+            flush=True,
+        )
+        outcomes.append(outcome)
+    return outcomes

@@ -1,0 +1,165 @@
+"""Quantize stage: llm-compressor ``oneshot`` with ``AutoRoundModifier`` or
+``QuantizationModifier`` (RTN), saved as a compressed-tensors checkpoint.
+
+The parent (``quantize``) only writes a JSON request and waits; the work happens in a
+child process (``python -m autoround_exp.quantize REQUEST``) so that memory is returned,
+peak memory is the job's own, and a crash cannot take the sweep down with it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from autoround_exp import child
+from autoround_exp.config import Experiment
+
+RESULT_FILE = "quantization.json"
+
+
+@dataclass
+class QuantResult:
+    checkpoint: str
+    oneshot_seconds: float  # calibration + tuning + compression, as upstream times it
+    total_seconds: float  # with model load and save
+    peak_memory_gb: float
+    memory_kind: str  # cuda_max_allocated | cpu_max_rss
+    device: str
+    size_mb: float
+    calibration: dict | None
+    recipe: str
+
+    @classmethod
+    def load(cls, checkpoint: Path) -> QuantResult:
+        return cls(**json.loads((checkpoint / RESULT_FILE).read_text()))
+
+
+def request(exp: Experiment, out_dir: Path) -> dict:
+    """Everything the child needs, as plain JSON."""
+    m, s, q = exp.model, exp.scheme, exp.method
+    use_calibration = q.name == "autoround" or s.calibrate_rtn
+    return {
+        "model": {"path": m.path, "revision": m.revision, "dtype": m.dtype, "trust_remote_code": m.trust_remote_code},
+        "method": asdict(q),
+        "scheme": {"preset": s.preset, "name": s.name},
+        "ignore": list(m.ignore),
+        "calibration": asdict(exp.calibration) if use_calibration else None,
+        "out_dir": str(out_dir),
+    }
+
+
+def quantize(exp: Experiment, out_dir: Path, log_path: Path, timeout_s: float = 24 * 3600) -> QuantResult:
+    """Quantize in a child process; the checkpoint appears at ``out_dir`` only when complete."""
+    if (out_dir / RESULT_FILE).is_file():
+        return QuantResult.load(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    req_path = out_dir.parent / f"{out_dir.name}.request.json"
+    req_path.write_text(json.dumps(request(exp, out_dir), indent=2))
+    child.run([sys.executable, "-m", "autoround_exp.quantize", str(req_path)], log_path, timeout_s, "quantization")
+    return QuantResult.load(out_dir)
+
+
+# ---------------------------------------------------------------- child side
+
+
+def build_modifier(req: dict):
+    from llmcompressor.modifiers.autoround import AutoRoundModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    method, preset, ignore = req["method"], req["scheme"]["preset"], req["ignore"]
+    if method["name"] == "rtn":
+        return QuantizationModifier(targets="Linear", scheme=preset, ignore=ignore)
+    import torch
+
+    compile_ = method["enable_torch_compile"]
+    kwargs = {
+        "iters": method["iters"],
+        "batch_size": method["batch_size"],
+        "enable_torch_compile": torch.cuda.is_available() if compile_ is None else compile_,
+        "disable_opt_rtn": method["disable_opt_rtn"],
+    }
+    if method["lr"] is not None:
+        kwargs["lr"] = method["lr"]
+    return AutoRoundModifier(targets="Linear", scheme=preset, ignore=ignore, **kwargs)
+
+
+def _dir_size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def run_request(req: dict) -> dict:
+    import resource
+
+    import torch
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from autoround_exp import calibration
+    from autoround_exp.config import CalibrationConfig
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    m = req["model"]
+    model = AutoModelForCausalLM.from_pretrained(
+        m["path"], revision=m["revision"], dtype=getattr(torch, m["dtype"]), trust_remote_code=m["trust_remote_code"]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        m["path"], revision=m["revision"], trust_remote_code=m["trust_remote_code"]
+    )
+    modifier = build_modifier(req)
+
+    kwargs, calib_info = {}, None
+    if req["calibration"] is not None:
+        cfg = CalibrationConfig(**req["calibration"])
+        ds, info = calibration.build(tokenizer, cfg)
+        calib_info = info.to_dict()
+        kwargs = {
+            "dataset": ds,
+            "num_calibration_samples": cfg.nsamples,
+            "max_seq_length": cfg.seqlen,
+            "shuffle_calibration_samples": False,
+        }
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t1 = time.perf_counter()
+    oneshot(model=model, processor=tokenizer, recipe=modifier, **kwargs)
+    oneshot_seconds = time.perf_counter() - t1
+
+    out = Path(req["out_dir"])
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, save_compressed=True)
+    tokenizer.save_pretrained(tmp)
+    recipe_path = tmp / "recipe.yaml"
+    if not recipe_path.exists():
+        recipe_path.write_text(str(modifier))
+
+    if cuda:
+        peak, kind = torch.cuda.max_memory_allocated() / 2**30, "cuda_max_allocated"
+        device = torch.cuda.get_device_name()
+    else:
+        peak, kind, device = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_max_rss", "cpu"
+    result = {
+        "checkpoint": str(out),
+        "oneshot_seconds": round(oneshot_seconds, 3),
+        "total_seconds": round(time.perf_counter() - t0, 3),
+        "peak_memory_gb": round(peak, 4),
+        "memory_kind": kind,
+        "device": device,
+        "size_mb": round(_dir_size_mb(tmp), 3),
+        "calibration": calib_info,
+        "recipe": "recipe.yaml",
+    }
+    (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # the checkpoint exists under its name only once it is complete
+    return result
+
+
+if __name__ == "__main__":
+    run_request(json.loads(Path(sys.argv[1]).read_text()))

@@ -1,0 +1,100 @@
+"""Run identity and the results store.
+
+A run's key is a hash of what determines its result: model and revision, recipe,
+calibration, eval settings and library versions. A finished run leaves one small JSON in
+``results/runs/`` named by its key; a run whose key is there is reused, not recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+from autoround_exp.config import Experiment
+
+QUANT_LIBS = ("torch", "transformers", "llmcompressor", "auto-round", "compressed-tensors")
+EVAL_LIBS = ("lm-eval", "transformers", "torch", "compressed-tensors")
+
+
+def versions(names=QUANT_LIBS + ("lm-eval",)) -> dict[str, str | None]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str | None:
+    p = Path(path)
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else None
+
+
+def quant_identity(exp: Experiment) -> dict:
+    m, q = exp.model, exp.method
+    ident = {"model": m.path, "revision": m.revision, "dtype": m.dtype, "method": q.name}
+    if not exp.quantized:
+        return ident
+    ident |= {"scheme": exp.scheme.preset, "ignore": list(m.ignore), "versions": versions(QUANT_LIBS)}
+    if q.name == "autoround":
+        ident["autoround"] = {k: v for k, v in asdict(q).items() if k not in ("name", "label")}
+    if q.name == "autoround" or exp.scheme.calibrate_rtn:
+        ident["calibration"] = asdict(exp.calibration) | {"file": file_digest(exp.calibration.source)}
+    return ident
+
+
+def eval_identity(exp: Experiment, quant_key: str) -> dict:
+    ev = exp.eval
+    ident = {
+        "quant": quant_key,
+        "task": exp.lm_eval_task,
+        "task_yaml": ev.task_yaml,
+        "num_fewshot": ev.num_fewshot,
+        "add_bos_token": ev.add_bos_token,
+        "apply_chat_template": ev.apply_chat_template,
+        "fewshot_as_multiturn": ev.fewshot_as_multiturn,
+        "limit": ev.limit,
+        "max_gen_toks": ev.max_gen_toks,
+        "seed": ev.seed,
+        "backend": exp.serve.backend,
+        "versions": versions(EVAL_LIBS),
+    }
+    if exp.eval_data is not None:
+        data = Path(exp.eval_data.path)
+        ident["data"] = {s: file_digest(data / f"{s}.jsonl") for s in ("train", "test")}
+    return ident
+
+
+def keys(exp: Experiment) -> tuple[str, str]:
+    qkey = digest(quant_identity(exp))
+    return qkey, digest(eval_identity(exp, qkey))
+
+
+class Store:
+    def __init__(self, root: str | Path):
+        self.runs = Path(root) / "runs"
+
+    def find(self, key: str) -> dict | None:
+        for path in self.runs.glob(f"*__{key}.json"):
+            return json.loads(path.read_text())
+        return None
+
+    def save(self, record: dict) -> Path:
+        self.runs.mkdir(parents=True, exist_ok=True)
+        path = self.runs / f"{record['name']}__{record['key']}.json"
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        tmp.replace(path)
+        return path
+
+    def records(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.runs.glob("*.json"))]

@@ -1,0 +1,36 @@
+"""Validate every job of a ``-m`` sweep before the first one starts, so a typo in the
+last value does not surface after hours of quantization."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+
+def job_overrides(config: DictConfig) -> list[list[str]]:
+    """The override list of each job, expanded as Hydra's basic sweeper expands them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = config.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    parsed = OverridesParser.create().parse_overrides(arguments)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+class ValidateSweep(Callback):
+    def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
+        from hydra import compose
+
+        from autoround_exp.config import ConfigError, validate
+
+        for overrides in job_overrides(config):
+            try:
+                validate(compose(config_name=config_name, overrides=overrides))
+            except ConfigError as e:
+                print(f"autoround-exp: job [{' '.join(overrides)}]: {e}", file=sys.stderr)
+                sys.exit(2)

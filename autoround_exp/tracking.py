@@ -1,0 +1,85 @@
+"""Log stage: one MLflow run per finished job (params, tags, metrics, table, artifacts)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from autoround_exp.config import Experiment, TrackingConfig
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= flatten(v, f"{key}.")
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _experiment_id(mlflow, cfg: TrackingConfig) -> str:
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = cfg.artifact_root
+    if "://" not in location:
+        location = Path(location).resolve().as_uri()
+    return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+
+
+def log_run(exp: Experiment, record: dict, artifacts: dict[str, list[str]], table_md: str) -> str:
+    """Log a finished job; returns the MLflow run id."""
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(exp.tracking.uri)
+    exp_id = _experiment_id(mlflow, exp.tracking)
+    tags = {
+        "run_key": record["key"],
+        "quant_key": record["quant_key"],
+        "sweep_id": record["sweep_id"],
+        "model": exp.model.name,
+        "scheme": exp.scheme.name if exp.quantized else "none",
+        "method": exp.method.name,
+        "eval_backend": record["eval"]["backend"],
+        "device": record["eval"]["device"],
+        "device_name": record["eval"]["platform"]["device_name"],
+        "git_commit": git_commit() or "unknown",
+        "lm_eval_task_version": json.dumps(record["eval"]["task_versions"]),
+        **{f"version.{k}": str(v) for k, v in record["versions"].items()},
+    }
+    with mlflow.start_run(experiment_id=exp_id, run_name=record["name"], tags=tags) as run:
+        mlflow.log_params(flatten(exp.resolved))
+        mlflow.log_params({f"calibration_used.{k}": str(v) for k, v in (record.get("calibration") or {}).items()})
+        mlflow.log_metrics(record["metrics"])
+        if record.get("quantization"):
+            q = record["quantization"]
+            mlflow.log_metrics(
+                {
+                    "quant/oneshot_seconds": q["oneshot_seconds"],
+                    "quant/peak_memory_gb": q["peak_memory_gb"],
+                    "checkpoint/size_mb": q["size_mb"],
+                }
+            )
+        mlflow.log_metric("eval/seconds", record["eval"]["seconds"])
+        mlflow.log_table(pd.DataFrame(record["table"]), artifact_file="lm_eval_table.json")
+        mlflow.log_text(table_md, "lm_eval_table.md")
+        mlflow.log_dict(exp.resolved, "config.yaml")
+        for folder, paths in artifacts.items():
+            for p in paths:
+                if Path(p).is_file():
+                    mlflow.log_artifact(p, artifact_path=folder)
+        return run.info.run_id

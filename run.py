@@ -1,0 +1,49 @@
+"""autoround-exp entry point: compose -> validate -> quantize -> evaluate -> log.
+
+python run.py                       # one run (defaults: conf/config.yaml)
+python run.py -m iters=0,200        # a sweep (Hydra multirun)
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from autoround_exp.config import ConfigError, register_configs, validate
+
+
+def sweep_id() -> str:
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        return Path(hc.sweep.dir).name
+    return "single-" + time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+@hydra.main(config_path="conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        exp = validate(cfg)
+    except ConfigError as e:
+        print(f"autoround-exp: {e}", file=sys.stderr)
+        sys.exit(2)
+    from autoround_exp.pipeline import run_experiment  # heavy imports only after validation
+
+    run_experiment(exp, sweep_id())
+
+
+def _exit_on_sigterm(signum, frame):
+    # Unwind normally, so child processes (quantization, lm-eval) are ended with us.
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    register_configs()
+    main()

@@ -1,0 +1,52 @@
+"""Bad input fails in seconds through the real entry point, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+
+CASES = [
+    (["scheme=nvfp5"], ["scheme/nvfp5", "nvfp4", "w4a16"]),
+    (["iters=-1"], ["iters=-1", "integer >= 0"]),
+    (["iters=abc"], ["iters", "Integer"]),
+    (["-m", "iters=200,-1"], ["iters=-1"]),
+    (["-m", "+sweep=demo", "eval.limit=0"], ["eval.limit=0"]),
+    (["eval.limit=0"], ["eval.limit=0"]),
+    (["model=llama4"], ["model/llama4", "tiny_llama", "llama3_1_8b_instruct"]),
+]
+
+
+@pytest.mark.parametrize("args,needles", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_config_fails_fast_and_writes_nothing(tmp_path, args, needles):
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args, "paths.work=work"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    elapsed = time.perf_counter() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    for needle in needles:
+        assert needle in out, out
+    assert elapsed < 15, f"took {elapsed:.1f}s"
+    written = [p.name for p in tmp_path.iterdir() if p.name != "work"]
+    assert written == [], written  # no mlflow.db, no results/
+    assert not any(p.is_file() for p in (tmp_path / "work").rglob("*")) if (tmp_path / "work").exists() else True
+    assert "torch" not in out.lower() or "import" not in out.lower()
+
+
+def test_help_is_fast(tmp_path):
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and "model: llama3_1_8b_instruct, tiny_llama" in proc.stdout
+    assert time.perf_counter() - t0 < 10

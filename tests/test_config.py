@@ -1,0 +1,120 @@
+"""Every config file composes and validates; bad values fail at the door with a message
+that names the key and what to set."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import MissingConfigException
+from omegaconf.errors import ValidationError
+
+from autoround_exp.config import ConfigError, validate
+from tests.conftest import CONF, ROOT, compose_cfg
+
+GROUPS = ["model", "scheme", "method", "eval", "serve", "tracking", "launcher"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_validates(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "scheme" and option in ("fp8_dynamic", "w8a8"):
+        overrides.append("method=rtn")  # AutoRoundModifier does not tune these
+    exp = validate(compose_cfg(overrides))
+    assert getattr(exp, group if group != "launcher" else "model") is not None
+
+
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
+def test_every_sweep_composes_and_validates(sweep):
+    validate(compose_cfg([f"+sweep={sweep}"]))
+    params = compose_cfg([f"+sweep={sweep}"], hydra=True).hydra.sweeper.params
+    assert params, f"sweeps/{sweep}.yaml sweeps nothing"
+    for key, values in params.items():  # each swept value composes and validates too
+        for value in str(values).split(","):
+            validate(compose_cfg([f"+sweep={sweep}", f"{key}={value}"]))
+
+
+def test_config_files_say_which_command_uses_them():
+    files = [*CONF.rglob("*.yaml"), *(ROOT / "sweeps").glob("*.yaml")]
+    for path in files:
+        lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("# @package")]
+        assert lines[0].startswith("# python run.py"), path
+
+
+def test_upstream_sweep_is_upstream_recipe():
+    exp = validate(compose_cfg(["+sweep=upstream_llama3_1_8b_nvfp4", "iters=200"]))
+    assert exp.model.path == "meta-llama/Llama-3.1-8B-Instruct"
+    assert exp.scheme.preset == "NVFP4" and exp.model.ignore == ["lm_head"]
+    assert exp.method.name == "autoround" and exp.method.iters == 200
+    assert (exp.calibration.nsamples, exp.calibration.seqlen) == (128, 2048)
+    assert exp.eval.task == "gsm8k" and exp.eval.num_fewshot == 5 and exp.eval.add_bos_token
+    assert exp.eval_data is None  # the real gsm8k from the hub, not the tiny model's data
+    assert exp.checkpoint_name == "Meta-Llama-3.1-8B-Instruct-NVFP4-AutoRound"
+
+
+def test_cli_knobs_reach_the_experiment():
+    exp = validate(
+        compose_cfg(
+            [
+                "iters=7",
+                "method.lr=0.001",
+                "method.batch_size=4",
+                "method.enable_torch_compile=false",
+                "method.disable_opt_rtn=true",
+                "calibration.nsamples=16",
+                "calibration.seqlen=128",
+                "scheme=w4a16",
+            ]
+        )
+    )
+    assert (exp.method.iters, exp.method.lr, exp.method.batch_size) == (7, 0.001, 4)
+    assert exp.method.enable_torch_compile is False and exp.method.disable_opt_rtn is True
+    assert (exp.calibration.nsamples, exp.calibration.seqlen) == (16, 128)
+    assert exp.calibration.source.endswith("calib.jsonl")  # the model's default survives
+    assert exp.checkpoint_name == "TinyLlama-Arith-W4A16-G128-AutoRound"
+
+
+BAD = [
+    (["iters=-1"], "iters=-1"),
+    (["eval.limit=0"], "eval.limit=0"),
+    (["scheme=w8a8"], "scheme=w8a8 cannot be tuned by AutoRoundModifier"),
+    (["scheme=w4a16", "model.linear_in_features=[4096,100]"], "do not divide the in_features [100]"),
+    (["model.path=/nonexistent/model"], "model.path=/nonexistent/model does not exist"),
+    (["calibration.source=/nonexistent/calib.jsonl"], "calibration.source=/nonexistent/calib.jsonl does not exist"),
+    (["calibration.mode=shuffle"], "calibration.mode=shuffle is unknown; choose one of truncate, pack"),
+    (["calibration.nsamples=0"], "calibration.nsamples=0"),
+    (["serve.backend=tgi"], "serve.backend=tgi is unknown; choose one of"),
+    (["serve.python=/nonexistent/python"], "serve.python=/nonexistent/python does not exist"),
+    (["eval.data_path=/nonexistent"], "eval data /nonexistent has no train.jsonl"),
+    (["eval.modality=vision-language"], "needs a vision-language model"),
+    (["eval.batch_size=big"], "eval.batch_size=big"),
+    (["method.lr=-1"], "method.lr=-1"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_values_are_rejected_with_what_to_set(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg(overrides))
+    assert message in str(err.value)
+
+
+def test_unknown_option_lists_the_choices():
+    with pytest.raises(MissingConfigException) as err:
+        compose_cfg(["scheme=nvfp5"])
+    for choice in ("nvfp4", "w4a16", "mxfp4"):
+        assert choice in str(err.value)
+
+
+def test_non_integer_iters_is_rejected_by_the_schema():
+    with pytest.raises(Exception) as err:
+        compose_cfg(["iters=abc"])
+    assert isinstance(err.value.__cause__, ValidationError)
+    assert "iters" in str(err.value.__cause__)
+
+
+def test_unknown_key_is_rejected_by_the_schema():
+    with pytest.raises(Exception, match="itres"):
+        compose_cfg(["method.itres=3"])

@@ -1,0 +1,65 @@
+"""Run identity: what determines a result changes its key, nothing else does; the
+baselines a sweep makes sure of."""
+
+from __future__ import annotations
+
+from autoround_exp import pipeline, store
+from autoround_exp.config import validate
+from tests.conftest import compose_cfg
+
+
+def keys(*overrides):
+    return store.keys(validate(compose_cfg(list(overrides))))
+
+
+def test_iters_changes_autoround_keys_but_not_rtn_or_base():
+    assert keys("iters=0")[0] != keys("iters=200")[0]
+    assert keys("method=rtn", "iters=0") == keys("method=rtn", "iters=200")
+    assert keys("method=none", "iters=0") == keys("method=none", "iters=200")
+
+
+def test_base_key_does_not_depend_on_scheme():
+    assert keys("method=none", "scheme=nvfp4") == keys("method=none", "scheme=w4a16")
+    assert keys("method=rtn", "scheme=nvfp4") != keys("method=rtn", "scheme=w4a16")
+
+
+def test_eval_settings_change_only_the_eval_key():
+    q1, e1 = keys("eval.limit=10")
+    q2, e2 = keys("eval.limit=20")
+    assert q1 == q2 and e1 != e2
+    assert keys("eval.num_fewshot=3")[1] != keys("eval.num_fewshot=5")[1]
+    assert keys("eval.add_bos_token=false")[1] != keys()[1]
+
+
+def test_calibration_is_part_of_the_quantization_key():
+    assert keys("calibration.nsamples=16")[0] != keys("calibration.nsamples=32")[0]
+    assert keys("calibration.seqlen=128")[0] != keys()[0]
+    # W4A16 RTN observes no activations: calibration does not change it
+    assert keys("method=rtn", "scheme=w4a16", "calibration.nsamples=16") == keys("method=rtn", "scheme=w4a16")
+
+
+def test_knobs_that_do_not_change_results_keep_the_key():
+    assert keys("eval.batch_size=8") == keys("eval.batch_size=auto")
+    assert keys("tracking.experiment=other") == keys()
+
+
+def test_a_sweep_job_brings_its_baselines():
+    exp = validate(compose_cfg(["iters=200"]))
+    assert [b.method.name for b in pipeline.baselines_of(exp)] == ["none", "rtn"]
+    assert all(b.scheme == exp.scheme and b.model == exp.model for b in pipeline.baselines_of(exp))
+    assert [b.method.name for b in pipeline.baselines_of(validate(compose_cfg(["method=rtn"])))] == ["none"]
+    assert pipeline.baselines_of(validate(compose_cfg(["method=none"]))) == []
+    assert pipeline.baselines_of(validate(compose_cfg(["baselines=false"]))) == []
+
+
+def test_run_names_tell_the_configs_apart():
+    names = {
+        pipeline.run_name(validate(compose_cfg(o)))
+        for o in (["iters=0"], ["iters=200"], ["method=rtn"], ["method=none"])
+    }
+    assert names == {
+        "tiny_llama-nvfp4-autoround-iters0",
+        "tiny_llama-nvfp4-autoround-iters200",
+        "tiny_llama-nvfp4-rtn",
+        "tiny_llama-base",
+    }

@@ -1,0 +1,185 @@
+"""The real chain on the embedded tiny model: ``run.py -m`` -> llm-compressor -> lm-eval in a
+child process -> MLflow, with nothing mocked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autoround_exp import lmeval_results
+from autoround_exp.assets import asset
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+LIMIT = 40
+SWEEP = ["-m", "iters=0,4", "scheme=w4a16", f"eval.limit={LIMIT}", "calibration.nsamples=16", "method.batch_size=4"]
+
+
+def run_sweep(workdir: Path, extra: list[str] = ()) -> subprocess.CompletedProcess:
+    args = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        *SWEEP,
+        *extra,
+        f"paths.results={workdir / 'results'}",
+        f"paths.work={workdir / 'work'}",
+        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+        f"tracking.artifact_root={workdir / 'mlartifacts'}",
+    ]
+    proc = subprocess.run(args, cwd=workdir, capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sweep")
+    return workdir, run_sweep(workdir)
+
+
+def records(workdir: Path) -> dict[str, dict]:
+    return {r["name"]: r for r in map(json.loads, map(Path.read_text, (workdir / "results" / "runs").glob("*.json")))}
+
+
+def mlflow_runs(workdir: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("autoround-exp")
+    return client, client.search_runs([exp.experiment_id])
+
+
+EXPECTED = {
+    "tiny_llama-base",
+    "tiny_llama-w4a16-rtn",
+    "tiny_llama-w4a16-autoround-iters0",
+    "tiny_llama-w4a16-autoround-iters4",
+}
+
+
+def test_sweep_yields_base_rtn_and_autoround_runs_in_mlflow(sweep):
+    workdir, _ = sweep
+    client, runs = mlflow_runs(workdir)
+    assert {r.info.run_name for r in runs} == EXPECTED  # baselines computed once, not per job
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert len({r.data.tags["sweep_id"] for r in runs}) == 1
+    for run in runs:
+        for flt in ("strict-match", "flexible-extract"):
+            key = f"gsm8k_arith/exact_match/{flt}"
+            assert 0.0 <= run.data.metrics[key] <= 1.0
+            assert run.data.metrics[f"{key}/stderr"] > 0
+        tags = run.data.tags
+        for lib in ("torch", "transformers", "llmcompressor", "auto-round", "compressed-tensors", "lm-eval"):
+            assert tags[f"version.{lib}"] not in ("", "None")
+        assert tags["eval_backend"] == "hf" and tags["device"] == "cpu"
+        assert json.loads(tags["lm_eval_task_version"]) == {"gsm8k_arith": 3.0}
+        assert run.data.params["eval.limit"] == str(LIMIT)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"lm_eval_table.json", "lm_eval_table.md", "config.yaml", "lm_eval"} <= artifacts
+        samples = [a.path for a in client.list_artifacts(run.info.run_id, "lm_eval") if "samples_" in a.path]
+        assert samples, "per-sample logs are kept"
+        if tags["method"] != "none":
+            assert "checkpoint/recipe.yaml" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+            assert run.data.metrics["quant/oneshot_seconds"] > 0 and run.data.metrics["checkpoint/size_mb"] > 0
+
+
+def test_tiny_model_scores_well_and_quantization_changes_it(sweep):
+    recs = records(sweep[0])
+    assert set(recs) == EXPECTED
+    strict = {n: r["metrics"]["gsm8k_arith/exact_match/strict-match"] for n, r in recs.items()}
+    assert strict["tiny_llama-base"] >= 0.5, strict
+    base_samples = Path(recs["tiny_llama-base"]["eval"]["results_json"]).parent
+    rtn_samples = Path(recs["tiny_llama-w4a16-rtn"]["eval"]["results_json"]).parent
+    # the quantized model really is another model: some generations differ
+    gen = [
+        [json.loads(line)["resps"][0][0] for line in next(d.glob("samples_*.jsonl")).open()]
+        for d in (base_samples, rtn_samples)
+    ]
+    assert gen[0] != gen[1]
+
+
+def test_checkpoints_are_compressed_tensors_with_upstream_names(sweep):
+    recs = records(sweep[0])
+    for name in ("tiny_llama-w4a16-rtn", "tiny_llama-w4a16-autoround-iters4"):
+        ckpt = Path(recs[name]["checkpoint"])
+        qcfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+        assert qcfg["quant_method"] == "compressed-tensors"
+        assert "lm_head" in qcfg["ignore"]
+        assert qcfg["config_groups"]["group_0"]["weights"]["group_size"] == 128
+        assert ckpt.name.startswith("TinyLlama-Arith-W4A16-G128-")
+        recipe = yaml.safe_load((ckpt / "recipe.yaml").read_text())
+        modifier = "AutoRoundModifier" if "autoround" in name else "QuantizationModifier"
+        assert modifier in recipe["default_stage"]["default_modifiers"]
+    calib = recs["tiny_llama-w4a16-autoround-iters4"]["calibration"]
+    assert calib["nsamples"] == 16 and calib["seqlen"] == 256 and len(calib["token_sha256"]) == 64
+
+
+def test_rerun_reuses_every_finished_run(sweep):
+    workdir, _ = sweep
+    before = {r.info.run_id for r in mlflow_runs(workdir)[1]}
+    proc = run_sweep(workdir)
+    assert proc.stdout.count("[reused]") == 6 and "[done]" not in proc.stdout  # 2 jobs x (base, rtn, self)
+    assert {r.info.run_id for r in mlflow_runs(workdir)[1]} == before
+
+
+def test_score_equals_lm_eval_run_by_hand(sweep, tmp_path):
+    """The same checkpoint, data, shots and limit through the lm_eval CLI, written here by hand."""
+    rec = records(sweep[0])["tiny_llama-w4a16-autoround-iters4"]
+    import lm_eval
+
+    stock = Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml"
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    data = Path(asset("data/arith_gsm8k"))
+    (tasks / "gsm8k_arith.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "include": str(stock),
+                "task": "gsm8k_arith",
+                "dataset_path": "json",
+                "dataset_name": None,
+                "dataset_kwargs": {
+                    "data_files": {"train": str(data / "train.jsonl"), "test": str(data / "test.jsonl")}
+                },
+            }
+        )
+    )
+    out = tmp_path / "out"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={rec['checkpoint']},dtype=bfloat16,add_bos_token=True",
+            "--tasks",
+            "gsm8k_arith",
+            "--include_path",
+            str(tasks),
+            "--num_fewshot",
+            "5",
+            "--limit",
+            str(LIMIT),
+            "--batch_size",
+            "16",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=1200,
+    )
+    by_hand = lmeval_results.mlflow_metrics(
+        lmeval_results.metrics(lmeval_results.load(next(out.rglob("results_*.json"))))
+    )
+    assert by_hand == rec["metrics"]
