@@ -110,7 +110,8 @@ class EvalConfig:
     limit: int | None = None  # None: the whole test split
     batch_size: str = "auto"  # lm-eval's; "auto" becomes 16 on CPU where it probes poorly
     max_gen_toks: int | None = None
-    seed: int = 0
+    # None: lm-eval's defaults (few-shot seed 1234), as upstream's published numbers use.
+    seed: int | None = None
     timeout_s: int = 4 * 3600
     # A local folder replacing the task's hub data set (None: the model's default, if any);
     # the task is then registered as <task>_<data_name>.

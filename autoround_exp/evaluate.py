@@ -108,9 +108,9 @@ def lm_eval_argv(exp: Experiment, checkpoint: str, output_dir: Path, task_dir: P
         "--output_path",
         str(output_dir),
         "--log_samples",
-        "--seed",
-        str(ev.seed),
     ]
+    if ev.seed is not None:
+        argv += ["--seed", str(ev.seed)]
     if task_dir is not None:
         argv += ["--include_path", str(task_dir)]
     if ev.limit is not None:

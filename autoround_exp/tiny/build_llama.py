@@ -101,7 +101,9 @@ def make_batches(tokenizer, train, rng, batch_size):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ASSETS)
-    ap.add_argument("--steps", type=int, default=3000)
+    # 800 steps: strong enough (5-shot strict-match ~0.7) while quantization still visibly
+    # costs accuracy; a 2000-step model scored 0.997 and barely moved under NVFP4.
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,83 @@
+"""The pipeline's own logic (reuse, force, baselines order), with the heavy stages replaced
+by stand-ins; the real chain runs in test_sweep_integration.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from autoround_exp import pipeline
+from autoround_exp.config import validate
+from autoround_exp.evaluate import EvalResult
+from autoround_exp.quantize import QuantResult
+from tests.conftest import compose_cfg
+
+RESULTS = {
+    "results": {"gsm8k_arith": {"exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": 0.05}},
+    "versions": {"gsm8k_arith": 3.0},
+    "n-shot": {"gsm8k_arith": 5},
+    "n-samples": {"gsm8k_arith": {"original": 1000, "effective": 100}},
+}
+
+
+@pytest.fixture
+def calls(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_quantize(exp, out_dir, log_path):
+        seen.append(("quantize", exp.method.name))
+        return QuantResult(str(out_dir), 1.0, 2.0, 0.1, "cpu_max_rss", "cpu", 1.0, None, "recipe.yaml")
+
+    def fake_evaluate(exp, checkpoint, out_dir, log_path):
+        seen.append(("evaluate", exp.method.name))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(RESULTS))
+        return EvalResult(str(out_dir / "results.json"), [], str(out_dir), "hf", "cpu", {}, 1.0, ["lm_eval"])
+
+    monkeypatch.setattr(pipeline, "quantize", fake_quantize)
+    monkeypatch.setattr(pipeline, "evaluate", fake_evaluate)
+    return seen
+
+
+def experiment(tmp_path: Path, *overrides):
+    return validate(
+        compose_cfg(
+            [f"paths.results={tmp_path}/results", f"paths.work={tmp_path}/work", "tracking.enabled=false", *overrides]
+        )
+    )
+
+
+def test_baselines_first_then_reused(tmp_path, calls):
+    out = pipeline.run_experiment(experiment(tmp_path, "iters=0"), "s1")
+    assert [o.status for o in out] == ["done", "done", "done"]
+    assert calls == [
+        ("evaluate", "none"),
+        ("quantize", "rtn"),
+        ("evaluate", "rtn"),
+        ("quantize", "autoround"),
+        ("evaluate", "autoround"),
+    ]
+    calls.clear()
+    out = pipeline.run_experiment(experiment(tmp_path, "iters=200"), "s1")
+    assert [o.status for o in out] == ["reused", "reused", "done"]
+    assert calls == [("quantize", "autoround"), ("evaluate", "autoround")]
+
+
+def test_force_recomputes(tmp_path, calls):
+    pipeline.run_experiment(experiment(tmp_path, "baselines=false"), "s1")
+    calls.clear()
+    out = pipeline.run_experiment(experiment(tmp_path, "baselines=false", "force=true"), "s2")
+    assert [o.status for o in out] == ["done"] and calls == [("quantize", "autoround"), ("evaluate", "autoround")]
+
+
+def test_record_holds_metrics_with_stderr_and_versions(tmp_path, calls):
+    (out,) = pipeline.run_experiment(experiment(tmp_path, "method=none"), "s1")
+    rec = json.loads(Path(out.record_path).read_text())
+    assert rec["metrics"] == {
+        "gsm8k_arith/exact_match/strict-match": 0.5,
+        "gsm8k_arith/exact_match/strict-match/stderr": 0.05,
+    }
+    assert rec["table"][0]["version"] == "3.0" and rec["table"][0]["n_samples"] == 100
+    assert rec["versions"]["llmcompressor"] and rec["sweep_id"] == "s1"
