@@ -52,7 +52,7 @@ def run_one(exp: Experiment, sweep_id: str) -> Outcome:
     name = run_name(exp)
     found = results.find(key)
     if found is not None and not exp.force:
-        return Outcome(name, key, "reused", found["metrics"], found.get("mlflow_run_id"), str(results.runs))
+        return Outcome(name, key, "reused", found["metrics"], found.get("mlflow_run_id"), str(results.path_of(key)))
 
     work = Path(exp.paths.work).resolve()
     logs = work / "logs" / key

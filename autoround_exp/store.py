@@ -83,10 +83,12 @@ class Store:
     def __init__(self, root: str | Path):
         self.runs = Path(root) / "runs"
 
+    def path_of(self, key: str) -> Path | None:
+        return next(iter(self.runs.glob(f"*__{key}.json")), None)
+
     def find(self, key: str) -> dict | None:
-        for path in self.runs.glob(f"*__{key}.json"):
-            return json.loads(path.read_text())
-        return None
+        path = self.path_of(key)
+        return json.loads(path.read_text()) if path else None
 
     def save(self, record: dict) -> Path:
         self.runs.mkdir(parents=True, exist_ok=True)

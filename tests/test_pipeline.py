@@ -62,6 +62,7 @@ def test_baselines_first_then_reused(tmp_path, calls):
     calls.clear()
     out = pipeline.run_experiment(experiment(tmp_path, "iters=200"), "s1")
     assert [o.status for o in out] == ["reused", "reused", "done"]
+    assert json.loads(Path(out[0].record_path).read_text())["method"] == "none"  # the reused record itself
     assert calls == [("quantize", "autoround"), ("evaluate", "autoround")]
 
 
