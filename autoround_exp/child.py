@@ -34,42 +34,46 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    """End ``proc`` and everything in its process group: SIGTERM, then SIGKILL after ``grace_s``."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
+        proc.wait(timeout=grace_s)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        pass
+    # Helpers of its own (vLLM engine cores and workers) may outlive a clean exit of the leader.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def start(argv: list[str], log, env: dict | None = None) -> subprocess.Popen:
+    """Start ``argv`` (never through a shell) in a process group of its own, output to ``log``."""
+    return subprocess.Popen(
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+        preexec_fn=_die_with_parent,
+    )
 
 
 def run(argv: list[str], log_path: Path, timeout_s: float, what: str, env: dict | None = None) -> None:
-    """Run ``argv`` (never through a shell) and raise ``ChildFailed`` unless it exits 0."""
+    """Run ``argv`` and raise ``ChildFailed`` unless it exits 0 within ``timeout_s``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **(env or {})},
-            preexec_fn=_die_with_parent,
-        )
+        proc = start(argv, log, env)
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            stop(proc)
             raise ChildFailed(what, None, log_path) from None
         except BaseException:
-            _kill_group(proc)
+            stop(proc)
             raise
-        # The child may have started helpers of its own (vLLM workers, a server).
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop(proc, grace_s=5)
     if rc != 0:
         raise ChildFailed(what, rc, log_path)

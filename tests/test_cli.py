@@ -60,5 +60,5 @@ def test_help_is_fast(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "run.py"), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
-    assert proc.returncode == 0 and "model: llama3_1_8b_instruct, tiny_llama" in proc.stdout
+    assert proc.returncode == 0 and "model: llama3_1_8b_instruct, qwen3_vl_8b_instruct, tiny_llama" in proc.stdout
     assert time.perf_counter() - t0 < 10

