@@ -166,6 +166,19 @@ class PathsConfig:
 
 
 @dataclass
+class ReportConfig:
+    # Recovery (quantized / unquantized) below this marks a config; per metric as
+    # "<metric>/<filter>": value (e.g. exact_match/strict-match: 0.9), as llm-compressor's
+    # lm-eval tests set them.
+    recovery_threshold: float = 0.95
+    recovery_thresholds: dict[str, float] = field(default_factory=dict)
+    alpha: float = 0.05  # paired tests: p >= alpha is "within noise"; intervals are 1 - alpha
+    # The README whose <!-- results:begin/end --> block is regenerated ("" or null: none).
+    readme: str | None = "README.md"
+    on_sweep_end: bool = True  # run the report at the end of every -m sweep
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig = MISSING
     scheme: SchemeConfig = MISSING
@@ -175,7 +188,11 @@ class ExperimentConfig:
     tracking: TrackingConfig = MISSING
     calibration: CalibrationOverrides = field(default_factory=CalibrationOverrides)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     iters: int = 200
+    # Repeat index of a seed sweep (seed=0,1,2): the calibration samples' shuffle and the
+    # quantization's torch seed. None: calibration.seed (the model's default).
+    seed: int | None = None
     baselines: bool = True  # also make sure the model's `none` and `rtn` results exist
     force: bool = False  # recompute even when a finished result is stored
 
@@ -213,6 +230,7 @@ class Experiment:
     force: bool
     resolved: dict[str, Any]  # the whole resolved config, for logging
     serve_choice: Any = None  # serve.Choice: the backend that evaluates it, and why
+    seed: int | None = None  # the top-level seed of a seed sweep
 
     @property
     def quantized(self) -> bool:
@@ -244,6 +262,22 @@ def _choices(key: str, value: Any, allowed) -> None:
 
 def _is_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+
+
+def check_report(r: ReportConfig) -> None:
+    for key, value in [("report.recovery_threshold", r.recovery_threshold)] + [
+        (f"report.recovery_thresholds.{k}", v) for k, v in r.recovery_thresholds.items()
+    ]:
+        if not 0 < value <= 1:
+            raise ConfigError(f"{key}={value} is invalid; set a recovery fraction in (0, 1], e.g. 0.95.")
+    for k in r.recovery_thresholds:
+        if k.count("/") != 1:
+            raise ConfigError(
+                f"report.recovery_thresholds has key {k!r}; name a metric as <metric>/<filter>, "
+                "e.g. exact_match/strict-match."
+            )
+    if not 0 < r.alpha < 1:
+        raise ConfigError(f"report.alpha={r.alpha} is invalid; set a significance level in (0, 1), e.g. 0.05.")
 
 
 def validate(cfg: DictConfig) -> Experiment:
@@ -298,6 +332,10 @@ def validate(cfg: DictConfig) -> Experiment:
     calib = CalibrationConfig(
         **{**vars(m.calibration), **{k: v for k, v in vars(typed.calibration).items() if v is not None}}
     )
+    if typed.seed is not None:
+        if not isinstance(typed.seed, int) or typed.seed < 0:
+            raise ConfigError(f"seed={typed.seed} is invalid; set an integer >= 0 (e.g. -m seed=0,1,2) or null.")
+        calib = replace(calib, seed=typed.seed)
     _choices("calibration.mode", calib.mode, CALIBRATION_MODES)
     if calib.nsamples < 1 or calib.seqlen < 1:
         raise ConfigError(
@@ -327,6 +365,7 @@ def validate(cfg: DictConfig) -> Experiment:
     if sv.startup_timeout_s <= 0 or ev.timeout_s <= 0:
         raise ConfigError("serve.startup_timeout_s and eval.timeout_s must be positive numbers of seconds.")
     _choices("model.loader", m.loader, LOADERS)
+    check_report(typed.report)
 
     # Last, because it asks the serve environment (a child process, a few seconds).
     from autoround_exp.serve import ServeEnvError, choose
@@ -352,4 +391,5 @@ def validate(cfg: DictConfig) -> Experiment:
         force=typed.force,
         resolved=resolved,
         serve_choice=choice,
+        seed=typed.seed,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,3 +75,40 @@ def table(results: dict) -> str:
     from lm_eval.utils import make_table
 
     return make_table(results)
+
+
+SUMMARY_KEYS = ("results", "versions", "n-shot", "higher_is_better", "n-samples")
+
+
+def summary(results: dict) -> dict:
+    """The part of lm-eval's results JSON its table is made from (without the task configs)."""
+    return {k: results[k] for k in SUMMARY_KEYS if k in results}
+
+
+_SAMPLES_FILE = re.compile(r"^samples_(?P<task>.+)_\d{4}-\d{2}-\d{2}T[\d.\-]+\.jsonl$")
+
+
+def per_sample(samples_paths: list[str]) -> dict[str, dict[str, list]]:
+    """Per-document scores from lm-eval's samples logs, for paired tests between runs.
+
+    ``{task: {"doc_id": [...], "doc_hash": [...], "<metric>,<filter>": [...]}}``, every
+    list in ``doc_id`` order; ``doc_hash`` (lm-eval's hash of the document) lets two runs be
+    paired on the same documents.
+    """
+    out: dict[str, dict[str, list]] = {}
+    for path in samples_paths:
+        match = _SAMPLES_FILE.match(Path(path).name)
+        if not match:
+            continue
+        by_doc: dict[int, dict] = {}
+        for line in Path(path).read_text().splitlines():
+            s = json.loads(line)
+            row = by_doc.setdefault(s["doc_id"], {"doc_hash": s.get("doc_hash", "")[:16]})
+            for metric in s["metrics"]:
+                row[f"{metric},{s['filter']}"] = float(s[metric])
+        docs = sorted(by_doc)
+        columns = sorted({k for row in by_doc.values() for k in row} - {"doc_hash"})
+        task = {"doc_id": docs, "doc_hash": [by_doc[d]["doc_hash"] for d in docs]}
+        task |= {c: [by_doc[d].get(c) for d in docs] for c in columns}
+        out[match["task"]] = task
+    return out

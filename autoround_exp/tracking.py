@@ -40,7 +40,18 @@ def _experiment_id(mlflow, cfg: TrackingConfig) -> str:
     return mlflow.create_experiment(cfg.experiment, artifact_location=location)
 
 
-def log_run(exp: Experiment, record: dict, artifacts: dict[str, list[str]], table_md: str) -> str:
+def _identity_tags(record: dict) -> dict[str, str]:
+    return {
+        "run_key": record["key"],
+        "quant_key": record["quant_key"],
+        "sweep_id": record["sweep_id"],
+        "git_commit": git_commit() or "unknown",
+    }
+
+
+def log_run(
+    exp: Experiment, record: dict, artifacts: dict[str, list[str]], table_md: str, samples: dict | None = None
+) -> str:
     """Log a finished job; returns the MLflow run id."""
     import mlflow
     import pandas as pd
@@ -48,9 +59,7 @@ def log_run(exp: Experiment, record: dict, artifacts: dict[str, list[str]], tabl
     mlflow.set_tracking_uri(exp.tracking.uri)
     exp_id = _experiment_id(mlflow, exp.tracking)
     tags = {
-        "run_key": record["key"],
-        "quant_key": record["quant_key"],
-        "sweep_id": record["sweep_id"],
+        **_identity_tags(record),
         "model": exp.model.name,
         "scheme": exp.scheme.name if exp.quantized else "none",
         "method": exp.method.name,
@@ -63,7 +72,6 @@ def log_run(exp: Experiment, record: dict, artifacts: dict[str, list[str]], tabl
         "compute_capability": str(record["eval"]["platform"].get("compute_capability")),
         "vllm_version": str(record["eval"]["platform"].get("vllm")),
         "vllm_kernels": json.dumps(record["eval"]["kernels"]),
-        "git_commit": git_commit() or "unknown",
         "lm_eval_task_version": json.dumps(record["eval"]["task_versions"]),
         **{f"version.{k}": str(v) for k, v in record["versions"].items()},
     }
@@ -86,6 +94,10 @@ def log_run(exp: Experiment, record: dict, artifacts: dict[str, list[str]], tabl
         mlflow.log_table(pd.DataFrame(record["table"]), artifact_file="lm_eval_table.json")
         mlflow.log_text(table_md, "lm_eval_table.md")
         mlflow.log_dict(exp.resolved, "config.yaml")
+        # What `python -m autoround_exp.report --mlflow URI` rebuilds its tables from.
+        mlflow.log_dict(record, "record.json")
+        if samples is not None:
+            mlflow.log_dict(samples, "samples.json")
         for folder, paths in artifacts.items():
             for p in paths:
                 if Path(p).is_file():
@@ -99,13 +111,7 @@ def log_failure(exp: Experiment, record: dict) -> str:
 
     mlflow.set_tracking_uri(exp.tracking.uri)
     exp_id = _experiment_id(mlflow, exp.tracking)
-    tags = {
-        "run_key": record["key"],
-        "quant_key": record["quant_key"],
-        "sweep_id": record["sweep_id"],
-        "eval_backend": record["eval"]["backend"],
-        "git_commit": git_commit() or "unknown",
-    }
+    tags = {**_identity_tags(record), "eval_backend": record["eval"]["backend"]}
     run = mlflow.start_run(experiment_id=exp_id, run_name=record["name"], tags=tags)
     try:
         mlflow.log_params(flatten(exp.resolved))

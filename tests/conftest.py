@@ -38,3 +38,22 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs a CUDA GPU (nvidia-smi sees none)")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+def hand_written_gsm8k_arith_task(tasks: Path, stock_gsm8k_yaml: str | Path) -> Path:
+    """lm-eval's stock gsm8k task on the tiny model's data, as a user would write it by hand."""
+    import yaml
+
+    from autoround_exp.assets import asset
+
+    data = Path(asset("data/arith_gsm8k"))
+    tasks.mkdir(parents=True, exist_ok=True)
+    task = {
+        "include": str(stock_gsm8k_yaml),
+        "task": "gsm8k_arith",
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"train": str(data / "train.jsonl"), "test": str(data / "test.jsonl")}},
+    }
+    (tasks / "gsm8k_arith.yaml").write_text(yaml.safe_dump(task))
+    return tasks

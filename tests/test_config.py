@@ -10,7 +10,7 @@ from omegaconf.errors import ValidationError
 from autoround_exp.config import ConfigError, validate
 from tests.conftest import CONF, ROOT, compose_cfg
 
-GROUPS = ["model", "scheme", "method", "eval", "serve", "tracking", "launcher"]
+GROUPS = ["model", "scheme", "method", "eval", "serve", "tracking", "launcher", "report"]
 
 
 def options(group: str) -> list[str]:
@@ -25,7 +25,7 @@ def test_every_option_composes_and_validates(group, option):
     if group == "serve" and option.startswith("vllm"):
         overrides += ["scheme=w8a8", "method=rtn"]  # a scheme vLLM runs on CPU and GPU alike
     exp = validate(compose_cfg(overrides))
-    assert getattr(exp, group if group != "launcher" else "model") is not None
+    assert getattr(exp, group if group not in ("launcher", "report") else "model") is not None
 
 
 @pytest.mark.parametrize("sweep", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
@@ -42,7 +42,7 @@ def test_config_files_say_which_command_uses_them():
     files = [*CONF.rglob("*.yaml"), *(ROOT / "sweeps").glob("*.yaml")]
     for path in files:
         lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("# @package")]
-        assert lines[0].startswith("# python run.py"), path
+        assert lines[0].startswith(("# python run.py", "# python -m autoround_exp.")), path
 
 
 def test_upstream_sweep_is_upstream_recipe():
@@ -93,6 +93,11 @@ BAD = [
     (["eval.modality=vision-language"], "needs a vision-language model"),
     (["eval.batch_size=big"], "eval.batch_size=big"),
     (["method.lr=-1"], "method.lr=-1"),
+    (["seed=-1"], "seed=-1 is invalid; set an integer >= 0"),
+    (["report.recovery_threshold=1.5"], "report.recovery_threshold=1.5 is invalid; set a recovery fraction in (0, 1]"),
+    (["report.recovery_threshold=0"], "report.recovery_threshold=0.0 is invalid"),
+    (["+report.recovery_thresholds.strict=0.9"], "name a metric as <metric>/<filter>"),
+    (["report.alpha=1"], "report.alpha=1.0 is invalid"),
 ]
 
 

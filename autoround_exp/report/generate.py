@@ -1,0 +1,75 @@
+"""Load runs, render the report, write it where it goes; shared by the CLI and the sweep callback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from autoround_exp.config import ReportConfig
+from autoround_exp.report import readme, runs, tables
+from autoround_exp.report.render import render
+
+
+def generate(
+    cfg: ReportConfig,
+    results: Path,
+    *,
+    mlflow_uri: str | None = None,
+    experiment: str = "autoround-exp",
+    check: bool = False,
+    fail_below_threshold: bool = False,
+    log_to: str | None = None,
+) -> int:
+    """0 on success; 1 if ``check`` finds the README stale; 3 if a config is below threshold
+    and ``fail_below_threshold``; 2 on a README without markers."""
+    loaded = runs.from_mlflow(mlflow_uri, experiment) if mlflow_uri else runs.from_store(results)
+    source = f"MLflow ({mlflow_uri})" if mlflow_uri else f"`{results.as_posix()}/`"
+    thresholds = tables.Thresholds(cfg.recovery_threshold, dict(cfg.recovery_thresholds))
+    readme_path = Path(cfg.readme) if cfg.readme else None
+    status = 0
+
+    plots = results / "plots"
+    # The report next to the results, then the README's block (the same tables, image links
+    # relative to the README); check mode writes nothing and only compares the README.
+    report = render(loaded, thresholds, cfg.alpha, plots, results, source, write_plots=not check)
+    if not check:
+        _write(results / "report.md", report.markdown)
+        print(f"report: {len(loaded)} runs -> {results / 'report.md'}, {len(report.plots)} plot(s)")
+        if log_to:
+            from autoround_exp.report.mlflow_log import log_report
+
+            log_report(log_to, experiment, results / "report.md", report.plots)
+
+    if readme_path is not None and readme_path.is_file():
+        block = render(loaded, thresholds, cfg.alpha, plots, readme_path.parent, source, write_plots=False)
+        try:
+            changed = readme.update(readme_path, block.markdown, check=check)
+        except readme.MarkerError as e:
+            print(f"autoround-exp report: {readme_path}: {e}", file=sys.stderr)
+            return 2
+        if check:
+            print(
+                f"report: {readme_path} is {'STALE: run python -m autoround_exp.report' if changed else 'up to date'}"
+            )
+            status = 1 if changed else 0
+        else:
+            print(f"report: {readme_path} {'updated' if changed else 'unchanged'}")
+    elif readme_path is not None:
+        print(f"report: no {readme_path} here; the report is in {results / 'report.md'}")
+        if check:
+            return 2
+
+    for line in report.below_threshold:
+        print(f"report: below recovery threshold: {line}")
+    if fail_below_threshold and report.below_threshold:
+        status = status or 3
+    return status
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.read_text() == text:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

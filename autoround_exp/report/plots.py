@@ -1,0 +1,70 @@
+"""Accuracy vs AutoRound iters per scheme, with error bars and base/RTN reference lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from autoround_exp.report import tables
+from autoround_exp.report.runs import Section
+
+
+def accuracy_vs_iters(section: Section, path: Path, write: bool = True) -> Path | None:
+    """Write the section's plot to ``path`` (unchanged bytes are not rewritten); None if there
+    is no AutoRound run to plot. ``write=False`` only says where it would go."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple, list] = {}
+    for row in section.rows:
+        scheme, method, iters, backend = row.first.config
+        if method == "autoround":
+            series.setdefault((scheme, backend), []).append(row)
+    if not series:
+        return None
+    if not write:
+        return path
+    cols = tables.columns(section)
+    fig, axes = plt.subplots(1, len(cols), figsize=(5 * len(cols), 3.8), squeeze=False)
+    for ax, col in zip(axes[0], cols, strict=True):
+        for i, ((_scheme, backend), rows) in enumerate(sorted(series.items())):
+            color = f"C{i}"
+            points = [(r.first.config[2], tables.row_value(r, col)) for r in rows]
+            points = [(x, v) for x, v in points if v is not None]
+            label = f"{rows[0].first.record['config']['scheme']['preset']} AutoRound ({backend})"
+            ax.errorbar(
+                [x for x, _ in points],
+                [v[0] for _, v in points],
+                yerr=[v[1] or 0 for _, v in points],
+                marker="o",
+                capsize=4,
+                color=color,
+                label=label,
+            )
+            rtn = tables.rtn_of(section, rows[0])
+            if rtn is not None and (v := tables.row_value(rtn, col)):
+                ax.axhline(v[0], color=color, linestyle=":", label=f"{label.split(' AutoRound')[0]} RTN")
+        # each backend's series against the unquantized run scored by that backend
+        bases = {backend: tables.baseline_of(section, rows[0]) for (_, backend), rows in sorted(series.items())}
+        for style, base in zip(("--", "-.", ":"), bases.values(), strict=False):
+            if base is not None and (v := tables.row_value(base, col)):
+                ax.axhline(v[0], color="black", linestyle=style, label=f"base (unquantized, {base.first.config[3]})")
+        metric, filt = col.split(",", 1)
+        ax.set_title(f"{section.key.task}: {metric} ({filt})", fontsize=10)
+        ax.set_xlabel("AutoRound iters")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(section.title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    # No timestamp or version in the PNG: the same runs give the same bytes.
+    fig.savefig(tmp, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    if path.is_file() and path.read_bytes() == tmp.read_bytes():
+        tmp.unlink()
+    else:
+        tmp.replace(path)
+    return path

@@ -1,0 +1,201 @@
+"""Finished runs, from ``results/`` or MLflow, grouped the way the tables show them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from autoround_exp.store import Store
+
+METHOD_ORDER = {"none": 0, "rtn": 1, "autoround": 2}
+BACKEND_ORDER = {"hf": 0, "vllm": 1, "vllm_server": 2}
+
+
+class SectionKey(NamedTuple):
+    model: str  # display name
+    path: str
+    task: str
+    num_fewshot: int
+    limit: int | None
+    add_bos_token: bool
+    apply_chat_template: bool
+
+
+@dataclass
+class Run:
+    record: dict
+    samples: dict | None  # per-document scores (lmeval_results.per_sample), if stored
+
+    @property
+    def config(self) -> tuple:
+        """What a table row is: the recipe and the backend that scored it (seeds aggregate)."""
+        r = self.record
+        return (r["scheme"], r["method"], r["iters"], r["eval"]["backend"])
+
+    @property
+    def section(self) -> tuple:
+        """One table per model x eval setting: numbers from other settings are not comparable."""
+        r, ev = self.record, self.record["config"]["eval"]
+        return SectionKey(
+            r["model"]["display_name"],
+            r["model"]["path"],
+            r["eval"]["task"],
+            ev["num_fewshot"],
+            ev["limit"],
+            ev["add_bos_token"],
+            ev["apply_chat_template"],
+        )
+
+    @property
+    def seed(self) -> int | None:
+        return self.record.get("seed")
+
+    @property
+    def label(self) -> str:
+        """Upstream's heading: <Model>-<SCHEME>-AutoRound (AutoRoundModifier, iters=200)."""
+        r = self.record
+        if r["method"] == "none":
+            return f"{r['checkpoint_name']} (unquantized)"
+        if r["method"] == "rtn":
+            return f"{r['checkpoint_name']} (QuantizationModifier)"
+        if r["method"] == "autoround":
+            return f"{r['checkpoint_name']} (AutoRoundModifier, iters={r['iters']})"
+        return f"{r['checkpoint_name']} ({r['method']})"
+
+    @property
+    def short_label(self) -> str:
+        r = self.record
+        scheme = r["config"]["scheme"]["preset"]
+        if r["method"] == "none":
+            return "base (unquantized)"
+        if r["method"] == "rtn":
+            return f"{scheme} RTN"
+        if r["method"] == "autoround":
+            return f"{scheme} AutoRound iters={r['iters']}"
+        return f"{scheme} {r['method']}"
+
+    def sort_key(self) -> tuple:
+        r = self.record
+        return (
+            r["method"] != "none",
+            r["scheme"] or "",
+            METHOD_ORDER.get(r["method"], 9),
+            r["iters"] if r["iters"] is not None else -1,
+            BACKEND_ORDER.get(r["eval"]["backend"], 9),
+            self.seed if self.seed is not None else -1,
+        )
+
+
+@dataclass
+class Row:
+    """One config of a section: its runs, one per seed."""
+
+    runs: list[Run]
+
+    @property
+    def first(self) -> Run:
+        return self.runs[0]
+
+
+@dataclass
+class Section:
+    key: SectionKey
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        k = self.key
+        first = self.rows[0].first.record["table"]
+        n = first[0]["n_samples"] if first else None
+        scope = f"first {k.limit} documents" if k.limit else f"all {n} documents" if n else "whole test set"
+        extras = [f"add_bos_token={k.add_bos_token}"] + (["chat template"] if k.apply_chat_template else [])
+        return f"{k.model} — {k.task}, {k.num_fewshot}-shot, {scope} ({', '.join(extras)})"
+
+    @property
+    def slug(self) -> str:
+        k = self.key
+        parts = [k.model, k.task, f"{k.num_fewshot}shot", f"limit{k.limit}" if k.limit else "full"]
+        if not k.add_bos_token:
+            parts.append("nobos")
+        if k.apply_chat_template:
+            parts.append("chat")
+        return "-".join(str(x) for x in parts)
+
+
+def from_store(results_dir: str | Path) -> list[Run]:
+    store = Store(results_dir)
+    return [Run(rec, store.samples_of(rec["key"])) for rec in store.records()]
+
+
+def from_mlflow(uri: str, experiment: str) -> list[Run]:
+    """Finished runs logged by ``run.py``: each carries its record and per-document scores."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SystemExit(f"autoround-exp report: MLflow at {uri} has no experiment {experiment!r}.")
+    out = []
+    for run in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=50000):
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        if "record.json" not in names:
+            continue  # not a run of run.py (e.g. the report's own run)
+        record = json.loads(Path(client.download_artifacts(run.info.run_id, "record.json")).read_text())
+        record["mlflow_run_id"] = run.info.run_id
+        samples = None
+        if "samples.json" in names:
+            samples = json.loads(Path(client.download_artifacts(run.info.run_id, "samples.json")).read_text())
+        out.append(Run(record, samples))
+    return out
+
+
+def latest(runs: list[Run]) -> list[Run]:
+    """One run per (section, config, seed): the latest, as a re-run with force=true replaces one."""
+    best: dict[tuple, Run] = {}
+    for run in runs:
+        k = (run.section, run.config, run.seed)
+        if k not in best or run.record["finished_at"] > best[k].record["finished_at"]:
+            best[k] = run
+    return list(best.values())
+
+
+def sections(runs: list[Run]) -> list[Section]:
+    by_section: dict[tuple, dict[tuple, list[Run]]] = {}
+    for run in sorted(latest(runs), key=Run.sort_key):
+        by_section.setdefault(run.section, {}).setdefault(run.config, []).append(run)
+    return [
+        Section(key, [Row(group) for group in configs.values()])
+        for key, configs in sorted(by_section.items(), key=lambda kv: tuple(str(x) for x in kv[0]))
+    ]
+
+
+def frame(runs: list[Run]):
+    """One row per run x metric, for pandas users (the notebook)."""
+    import pandas as pd
+
+    rows = []
+    for run in runs:
+        r = run.record
+        for m in r["table"]:
+            rows.append(
+                {
+                    "model": r["model"]["display_name"],
+                    "config": run.short_label,
+                    "scheme": r["scheme"],
+                    "method": r["method"],
+                    "iters": r["iters"],
+                    "seed": run.seed,
+                    "backend": r["eval"]["backend"],
+                    "task": m["task"],
+                    "metric": m["metric"],
+                    "filter": m["filter"],
+                    "value": m["value"],
+                    "stderr": m["stderr"],
+                    "n": m["n_samples"],
+                    "limit": r["config"]["eval"]["limit"],
+                    "mlflow_run_id": r["mlflow_run_id"],
+                }
+            )
+    return pd.DataFrame(rows)

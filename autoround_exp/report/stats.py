@@ -1,0 +1,74 @@
+"""Paired statistics between two runs scored on the same documents, and seed aggregation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+
+@dataclass(frozen=True)
+class Paired:
+    n: int  # documents both runs scored
+    delta: float  # mean(b) - mean(a)
+    se: float  # paired standard error of delta
+    low: float  # 95 % (1 - alpha) interval of delta
+    high: float
+    p: float  # McNemar's exact test for 0/1 scores, else the paired normal test
+    test: str
+    alpha: float
+
+    @property
+    def within_noise(self) -> bool:
+        return self.p >= self.alpha
+
+
+def paired(a, b, alpha: float = 0.05) -> Paired:
+    """Compare per-document scores ``b`` against ``a`` (same documents, same order)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError(f"paired scores need two equal-length vectors of >= 2 documents, got {a.shape} and {b.shape}")
+    d = b - a
+    n = len(d)
+    delta = float(d.mean())
+    se = float(d.std(ddof=1) / math.sqrt(n))
+    z = float(stats.norm.ppf(1 - alpha / 2))
+    binary = set(np.unique(np.concatenate([a, b]))) <= {0.0, 1.0}
+    if binary:
+        gained = int(((a == 0) & (b == 1)).sum())
+        lost = int(((a == 1) & (b == 0)).sum())
+        p = float(stats.binomtest(gained, gained + lost, 0.5).pvalue) if gained + lost else 1.0
+        test = "McNemar exact"
+    else:
+        if se > 0:
+            p = float(2 * stats.norm.sf(abs(delta) / se))
+        else:  # every document moved by the same amount
+            p = 1.0 if delta == 0 else 0.0
+        test = "paired z"
+    return Paired(n, delta, se, delta - z * se, delta + z * se, p, test, alpha)
+
+
+def align(a: dict, b: dict, column: str) -> tuple[list, list]:
+    """The two runs' scores on the documents both scored, matched on lm-eval's doc hash."""
+    index_b = {(i, h): k for k, (i, h) in enumerate(zip(b["doc_id"], b["doc_hash"], strict=True))}
+    xs, ys = [], []
+    for k, key in enumerate(zip(a["doc_id"], a["doc_hash"], strict=True)):
+        j = index_b.get(key)
+        if j is not None and a[column][k] is not None and b[column][j] is not None:
+            xs.append(a[column][k])
+            ys.append(b[column][j])
+    return xs, ys
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    mean: float
+    std: float | None  # across seeds (ddof=1); None for one seed
+    n: int
+
+
+def across_seeds(values: list[float]) -> Aggregate:
+    v = np.asarray(values, dtype=float)
+    return Aggregate(float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None, len(v))

@@ -1,0 +1,238 @@
+"""Markdown for one section: lm-eval's own table per config, the comparison table, the
+paired tests, and published numbers beside ours."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from autoround_exp.report import stats
+from autoround_exp.report.runs import Row, Run, Section
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    default: float = 0.95
+    per_metric: dict | None = None  # {"exact_match/strict-match": 0.9}
+
+    def of(self, column: str) -> float:
+        return (self.per_metric or {}).get(column.replace(",", "/"), self.default)
+
+
+def lm_eval_table(run: Run) -> str:
+    """lm-eval's own table (Tasks | Version | Filter | n-shot | Metric | Value | ± Stderr)."""
+    from lm_eval.utils import make_table
+
+    return make_table(run.record["lm_eval"]).strip()
+
+
+def columns(section: Section) -> list[str]:
+    """The section's metrics as lm-eval names them (``exact_match,strict-match``), in table order."""
+    seen: dict[str, None] = {}
+    for row in section.rows:
+        for m in row.first.record["table"]:
+            seen.setdefault(f"{m['metric']},{m['filter']}", None)
+    return list(seen)
+
+
+def value(run: Run, column: str) -> tuple[float, float | None] | None:
+    metric, filt = column.split(",", 1)
+    for m in run.record["table"]:
+        if m["metric"] == metric and m["filter"] == filt:
+            return m["value"], m["stderr"]
+    return None
+
+
+def row_value(row: Row, column: str) -> tuple[float, float | None, int] | None:
+    """(value, spread, seeds): lm-eval's stderr for one seed, the std across seeds for several."""
+    values = [v for v in (value(r, column) for r in row.runs) if v is not None]
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0][0], values[0][1], 1
+    agg = stats.across_seeds([v for v, _ in values])
+    return agg.mean, agg.std, agg.n
+
+
+def mean(row: Row, column: str) -> float | None:
+    v = row_value(row, column)
+    return v[0] if v else None
+
+
+def baseline_of(section: Section, row: Row) -> Row | None:
+    """The unquantized row scored by the same backend (else any unquantized row)."""
+    bases = [r for r in section.rows if r.first.record["method"] == "none"]
+    same = [r for r in bases if r.first.config[3] == row.first.config[3]]
+    return (same or bases or [None])[0]
+
+
+def rtn_of(section: Section, row: Row) -> Row | None:
+    scheme, _, _, backend = row.first.config
+    return next((r for r in section.rows if r.first.config == (scheme, "rtn", None, backend)), None)
+
+
+def compare(a: Row, b: Row, column: str, alpha: float) -> stats.Paired | None:
+    """Paired test of b against a on the documents both scored (their first seeds)."""
+    ra, rb = a.first, b.first
+    task = ra.record["eval"]["task"]
+    sa, sb = (ra.samples or {}).get(task), (rb.samples or {}).get(task)
+    if not sa or not sb or column not in sa or column not in sb:
+        return None
+    xs, ys = stats.align(sa, sb, column)
+    return stats.paired(xs, ys, alpha) if len(xs) >= 2 else None
+
+
+def comparisons(section: Section) -> list[tuple[str, Row, Row]]:
+    """What the tables compare: each quantized config vs base, AutoRound vs RTN, iters vs iters."""
+    out = []
+    for row in section.rows:
+        r = row.first.record
+        if r["method"] == "none":
+            continue
+        base = baseline_of(section, row)
+        if base is not None:
+            out.append(("quantized vs base", base, row))
+        if r["method"] != "rtn" and (rtn := rtn_of(section, row)) is not None:
+            out.append(("vs RTN", rtn, row))
+    autoround = [row for row in section.rows if row.first.record["method"] == "autoround"]
+    for a, b in zip(autoround, autoround[1:], strict=False):
+        (sa, _, ia, ba), (sb, _, ib, bb) = a.first.config, b.first.config
+        if (sa, ba) == (sb, bb) and ia != ib:
+            out.append(("iters vs iters", a, b))
+    return out
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def signed(x: float, digits: int = 4) -> str:
+    return f"{x:+.{digits}f}".replace("-", "−")
+
+
+def value_cell(row: Row, column: str) -> str:
+    v = row_value(row, column)
+    if v is None:
+        return ""
+    val, spread, seeds = v
+    if seeds > 1:
+        return f"{val:.4f} ± {fmt(spread)} (mean ± std, {seeds} seeds)"
+    return f"{val:.4f} ± {fmt(spread)}" if spread is not None else f"{val:.4f}"
+
+
+def hardware(run: Run) -> str:
+    p = run.record["eval"]["platform"]
+    if p.get("cuda"):
+        return f"{p['device_name']} (cc {p['compute_capability']})"
+    return "CPU" + (f" ({'/'.join(p['cpu_isa'])})" if p.get("cpu_isa") else "")
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def comparison_frame(section: Section, thresholds: Thresholds, alpha: float) -> tuple[pd.DataFrame, list[str]]:
+    """Rows = configs; per metric value ± stderr, recovery vs base, Δ vs RTN. Also returns
+    the configs below their recovery threshold."""
+    cols = columns(section)
+    rows, below = [], []
+    for row in section.rows:
+        run = row.first
+        rec = run.record
+        out = {"Config": run.short_label}
+        base, rtn = baseline_of(section, row), rtn_of(section, row)
+        for col in cols:
+            name = col.split(",", 1)[1] if col.split(",", 1)[1] != "none" else col.split(",", 1)[0]
+            out[name] = value_cell(row, col)
+            rec_cell = ""
+            if rec["method"] != "none" and base is not None and mean(base, col):
+                recovery = mean(row, col) / mean(base, col)
+                rec_cell = f"{100 * recovery:.1f} %"
+                if recovery < thresholds.of(col):
+                    rec_cell += " ✗"
+                    below.append(f"{section.key.model} {run.short_label} ({run.config[3]}): {name} {rec_cell}")
+            out[f"{name} recovery"] = rec_cell
+            delta = ""
+            if rec["method"] not in ("none", "rtn") and rtn is not None:
+                t = compare(rtn, row, col, alpha)
+                if t is not None:
+                    delta = f"{signed(t.delta)} (p={t.p:.2g}{', noise' if t.within_noise else ''})"
+                elif mean(rtn, col) is not None:
+                    delta = f"{signed(mean(row, col) - mean(rtn, col))} (no samples)"
+            out[f"{name} Δ vs RTN"] = delta
+        q = rec.get("quantization") or {}
+        out["Quant time"] = duration(q.get("oneshot_seconds"))
+        out["Checkpoint"] = f"{q['size_mb']:.1f} MB" if q.get("size_mb") is not None else ""
+        out["Backend"] = rec["eval"]["backend"] + (" ⚠" if rec["eval"].get("note") else "")
+        out["Hardware"] = hardware(run)
+        out["MLflow run"] = ", ".join(f"`{r.record['mlflow_run_id']}`" for r in row.runs if r.record["mlflow_run_id"])
+        rows.append(out)
+    return pd.DataFrame(rows), below
+
+
+def comparison_table(section: Section, thresholds: Thresholds, alpha: float) -> tuple[str, list[str]]:
+    df, below = comparison_frame(section, thresholds, alpha)
+    return df.to_markdown(index=False, disable_numparse=True), below
+
+
+def paired_table(section: Section, alpha: float) -> str | None:
+    rows = []
+    for kind, a, b in comparisons(section):
+        for col in columns(section):
+            t = compare(a, b, col, alpha)
+            if t is None:
+                continue
+            rows.append(
+                {
+                    "Comparison": f"{b.first.short_label} vs {a.first.short_label} ({b.first.config[3]})",
+                    "Kind": kind,
+                    "Metric": col.replace(",", " "),
+                    "Δ": signed(t.delta),
+                    f"{100 * (1 - alpha):.0f} % CI": f"[{signed(t.low)}, {signed(t.high)}]",
+                    "p": f"{t.p:.3g} ({t.test})",
+                    "n": str(t.n),
+                    "Verdict": "within noise" if t.within_noise else ("better" if t.delta > 0 else "worse"),
+                }
+            )
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else None
+
+
+def published_table(section: Section, published: dict) -> str | None:
+    """Ours beside upstream's published numbers for the same config; gap in stderr units."""
+    rows = []
+    for row in section.rows:
+        rec = row.first.record
+        for entry in published["entries"]:
+            if not matches(entry, section, rec):
+                continue
+            for col, pub in entry["values"].items():
+                ours = row_value(row, col)
+                if ours is None:
+                    continue
+                pub_se = math.sqrt(pub * (1 - pub) / (entry["n"] - 1))
+                se = math.sqrt((ours[1] or 0) ** 2 + pub_se**2)
+                rows.append(
+                    {
+                        "Config": row.first.short_label,
+                        "Metric": col.replace(",", " "),
+                        "Ours": value_cell(row, col),
+                        "Published": f"{pub:.4f} ± {pub_se:.4f}",
+                        "Gap": f"{signed(ours[0] - pub)} ({(ours[0] - pub) / se:+.1f} σ)".replace("-", "−"),
+                    }
+                )
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else None
+
+
+def matches(entry: dict, section: Section, rec: dict) -> bool:
+    k = section.key
+    if (entry["model"], entry["task"], entry["num_fewshot"]) != (k.path, k.task, k.num_fewshot) or k.limit:
+        return False
+    return (
+        entry["method"] == rec["method"] and entry.get("scheme") == rec["scheme"] and entry.get("iters") == rec["iters"]
+    )

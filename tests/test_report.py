@@ -1,0 +1,242 @@
+"""The report on stored runs of the tiny model (tests/data/report/): table shape, recovery,
+Δ vs RTN, the paired test, seeds, thresholds, published references, the notebook.
+
+tests/data/report/results/ is what run.py stores (records + per-document scores) for the
+demo sweep; see tests/data/report/README.md for how it was made.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from autoround_exp import lmeval_results
+from autoround_exp.report import runs, tables
+from autoround_exp.report.render import published, render
+from tests.conftest import ROOT
+
+DATA = Path(__file__).parent / "data"
+FIXTURE = DATA / "report" / "results"
+GOLDEN = DATA / "report" / "expected_report.md"
+STRICT = "exact_match,strict-match"
+ALPHA = 0.05
+
+
+@pytest.fixture
+def loaded() -> list[runs.Run]:
+    return runs.from_store(FIXTURE)
+
+
+def by_name(loaded) -> dict[str, runs.Run]:
+    return {r.record["name"]: r for r in loaded}
+
+
+def metric(run: runs.Run, col: str = STRICT) -> float:
+    return tables.value(run, col)[0]
+
+
+def test_one_section_with_rows_in_upstreams_order(loaded):
+    (section,) = runs.sections(loaded)
+    assert section.title.startswith("TinyLlama-Arith — gsm8k_arith, 5-shot, all 1000 documents")
+    assert [row.first.label for row in section.rows] == [
+        "TinyLlama-Arith (unquantized)",
+        "TinyLlama-Arith-NVFP4-RTN (QuantizationModifier)",
+        "TinyLlama-Arith-NVFP4-AutoRound (AutoRoundModifier, iters=0)",
+        "TinyLlama-Arith-NVFP4-AutoRound (AutoRoundModifier, iters=200)",
+        "TinyLlama-Arith-W4A16-G128-RTN (QuantizationModifier)",
+        "TinyLlama-Arith-W4A16-G128-AutoRound (AutoRoundModifier, iters=0)",
+        "TinyLlama-Arith-W4A16-G128-AutoRound (AutoRoundModifier, iters=200)",
+    ]
+
+
+def test_lm_eval_table_is_lm_evals_own_format(loaded):
+    from lm_eval.utils import make_table
+
+    run = by_name(loaded)["tiny_llama-w4a16-autoround-iters200"]
+    table = tables.lm_eval_table(run)
+    assert table == make_table(run.record["lm_eval"]).strip()
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert header == ["Tasks", "Version", "Filter", "n-shot", "Metric", "", "Value", "", "Stderr"]
+
+
+def test_recovery_is_quantized_over_base_and_threshold_marks_it(loaded):
+    (section,) = runs.sections(loaded)
+    df, below = tables.comparison_frame(section, tables.Thresholds(0.95), ALPHA)
+    base = metric(by_name(loaded)["tiny_llama-base"])
+    for row, cells in zip(section.rows, df.to_dict("records"), strict=True):
+        rec = row.first.record
+        assert cells["strict-match"].startswith(f"{metric(row.first):.4f} ± ")
+        if rec["method"] == "none":
+            assert cells["strict-match recovery"] == ""
+            continue
+        recovery = metric(row.first) / base
+        assert cells["strict-match recovery"].startswith(f"{100 * recovery:.1f} %")
+        assert cells["strict-match recovery"].endswith("✗") == (recovery < 0.95)
+        assert any(row.first.short_label in b for b in below) == (recovery < 0.95)
+        assert cells["Backend"] == "hf" and cells["MLflow run"] == f"`{rec['mlflow_run_id']}`"
+
+
+def test_per_metric_threshold_overrides_the_default(loaded):
+    (section,) = runs.sections(loaded)
+    _, below = tables.comparison_frame(section, tables.Thresholds(0.5, {"exact_match/strict-match": 0.999}), ALPHA)
+    assert below and all("strict-match" in b and "flexible" not in b for b in below)
+
+
+def raw_scores(run: runs.Run, col: str = STRICT) -> np.ndarray:
+    return np.array(run.samples["gsm8k_arith"][col])
+
+
+def test_delta_vs_rtn_is_the_paired_mcnemar_test_on_the_same_documents(loaded):
+    runs_ = by_name(loaded)
+    rtn, ar = runs_["tiny_llama-w4a16-rtn"], runs_["tiny_llama-w4a16-autoround-iters200"]
+    assert rtn.samples["gsm8k_arith"]["doc_hash"] == ar.samples["gsm8k_arith"]["doc_hash"]
+    a, b = raw_scores(rtn), raw_scores(ar)
+    gained, lost = int(((a == 0) & (b == 1)).sum()), int(((a == 1) & (b == 0)).sum())
+    expected_p = binomtest(gained, gained + lost, 0.5).pvalue
+    # the per-document scores add up to lm-eval's own numbers
+    assert a.mean() == pytest.approx(metric(rtn)) and b.mean() == pytest.approx(metric(ar))
+
+    (section,) = runs.sections(loaded)
+    rows = {row.first.record["name"]: row for row in section.rows}
+    t = tables.compare(rows["tiny_llama-w4a16-rtn"], rows["tiny_llama-w4a16-autoround-iters200"], STRICT, ALPHA)
+    assert t.delta == pytest.approx(metric(ar) - metric(rtn)) and t.p == pytest.approx(expected_p)
+    df, _ = tables.comparison_frame(section, tables.Thresholds(), ALPHA)
+    cell = df.set_index("Config").loc["W4A16 AutoRound iters=200", "strict-match Δ vs RTN"]
+    assert cell.startswith(tables.signed(t.delta)) and f"p={t.p:.2g}" in cell
+    assert ("noise" in cell) == (expected_p >= ALPHA)
+
+
+def test_paired_table_lists_each_comparison_the_tables_show(loaded):
+    (section,) = runs.sections(loaded)
+    kinds = [(kind, a.first.short_label, b.first.short_label) for kind, a, b in tables.comparisons(section)]
+    assert ("vs RTN", "W4A16 RTN", "W4A16 AutoRound iters=200") in kinds
+    assert ("iters vs iters", "W4A16 AutoRound iters=0", "W4A16 AutoRound iters=200") in kinds
+    assert ("quantized vs base", "base (unquantized)", "NVFP4 RTN") in kinds
+    assert len(kinds) == 6 + 4 + 2  # 6 vs base, 4 AutoRound vs RTN, 2 iters vs iters
+    table = tables.paired_table(section, ALPHA)
+    assert table.count("\n") == 2 + 2 * len(kinds) - 1  # header, rule, one row per comparison x metric
+
+
+def test_seeds_aggregate_to_mean_and_std(tmp_path, loaded):
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    rec = json.loads(next((results / "runs").glob("tiny_llama-w4a16-autoround-iters200__*.json")).read_text())
+    seeds = []
+    for seed, delta in ((0, 0.0), (1, 0.01), (2, -0.02)):
+        r = copy.deepcopy(rec)
+        r["seed"], r["key"] = seed, f"seed{seed}"
+        for m in r["table"]:
+            m["value"] += delta
+        seeds.append(r["table"][0]["value"])
+        (results / "runs" / f"{r['name']}__{r['key']}.json").write_text(json.dumps(r))
+    (results / "runs" / f"{rec['name']}__{rec['key']}.json").unlink()
+    (section,) = runs.sections(runs.from_store(results))
+    df, _ = tables.comparison_frame(section, tables.Thresholds(), ALPHA)
+    cell = df.set_index("Config").loc["W4A16 AutoRound iters=200", "flexible-extract"]
+    assert cell == f"{np.mean(seeds):.4f} ± {np.std(seeds, ddof=1):.4f} (mean ± std, 3 seeds)"
+
+
+def test_latest_run_of_a_config_replaces_an_older_one(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    path = next((results / "runs").glob("tiny_llama-base__*.json"))
+    old = json.loads(path.read_text())
+    old["key"], old["finished_at"], old["mlflow_run_id"] = "older", "2000-01-01T00:00:00", "old-run"
+    (results / "runs" / "tiny_llama-base__older.json").write_text(json.dumps(old))
+    (section,) = runs.sections(runs.from_store(results))
+    assert section.rows[0].first.record["mlflow_run_id"] != "old-run" and len(section.rows) == 7
+
+
+def test_published_numbers_are_shown_beside_ours_and_labelled(tmp_path):
+    """Our runs, relabelled as the real model's full gsm8k runs, meet upstream's numbers."""
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    for path in (results / "runs").glob("*.json"):
+        rec = json.loads(path.read_text())
+        rec["model"]["path"] = "meta-llama/Llama-3.1-8B-Instruct"
+        rec["model"]["display_name"] = "Meta-Llama-3.1-8B-Instruct"
+        rec["eval"]["task"] = "gsm8k"
+        for m in rec["table"]:
+            m["task"] = "gsm8k"
+        path.write_text(json.dumps(rec))
+    loaded = runs.from_store(results)
+    (section,) = runs.sections(loaded)
+    pub = tables.published_table(section, published())
+    lines = [line for line in pub.splitlines() if line.startswith("| NVFP4 AutoRound iters=200")]
+    ours = metric(next(r for r in loaded if r.record["name"] == "tiny_llama-nvfp4-autoround-iters200"))
+    ours_se = tables.value(
+        next(r for r in loaded if r.record["name"] == "tiny_llama-nvfp4-autoround-iters200"), STRICT
+    )[1]
+    pub_se = np.sqrt(0.6945 * (1 - 0.6945) / 1318)
+    gap = (ours - 0.6945) / np.sqrt(ours_se**2 + pub_se**2)
+    strict_line = next(line for line in lines if "strict-match" in line)
+    assert "0.6945 ± 0.0127" in strict_line and f"({gap:+.1f} σ)".replace("-", "−") in strict_line
+    # W4A16 has no published number: never shown as if it had one
+    assert "W4A16" not in pub
+    report = render(loaded, tables.Thresholds(), ALPHA, None, results, "test")
+    assert "Ours vs **published** (upstream" in report.markdown
+
+
+def test_limited_runs_never_meet_the_published_full_test_set_numbers(loaded):
+    (section,) = runs.sections(loaded)
+    assert tables.published_table(section, {"entries": [], "source": "x"}) is None
+
+
+def test_rendered_report_matches_the_golden_file(loaded, tmp_path):
+    report = render(loaded, tables.Thresholds(), ALPHA, tmp_path / "plots", tmp_path, "`results/`")
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.write_text(report.markdown)
+    assert report.markdown == GOLDEN.read_text()
+    (png,) = report.plots
+    again = render(loaded, tables.Thresholds(), ALPHA, tmp_path / "plots", tmp_path, "`results/`")
+    assert again.markdown == report.markdown and png.read_bytes() == again.plots[0].read_bytes()
+
+
+def test_per_document_scores_from_lm_evals_samples_log():
+    (path,) = DATA.glob("samples_gsm8k_arith_*.jsonl")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    scores = lmeval_results.per_sample([str(path)])["gsm8k_arith"]
+    assert scores["doc_id"] == list(range(10))
+    for s in lines:
+        assert scores[f"exact_match,{s['filter']}"][s["doc_id"]] == s["exact_match"]
+        assert scores["doc_hash"][s["doc_id"]] == s["doc_hash"][:16]
+
+
+def test_readme_without_markers_is_refused_with_what_to_add(tmp_path):
+    from autoround_exp.config import ReportConfig
+    from autoround_exp.report.generate import generate
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    cfg = ReportConfig(readme=str(readme))
+    assert generate(cfg, FIXTURE.parent / "does-not-matter", check=True) == 2
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_notebook_is_stripped_and_runs_on_stored_results(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = ROOT / "notebooks" / "report.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "strip outputs before committing"
+    os.environ["AUTOROUND_EXP_RESULTS"] = str(FIXTURE)
+    try:
+        NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
+    finally:
+        del os.environ["AUTOROUND_EXP_RESULTS"]
+    text = "\n".join(
+        str(o.get("text", "")) + str(o.get("data", {}).get("text/markdown", "")) for c in code for o in c.outputs
+    )
+    assert "7 runs from" in text and "W4A16 AutoRound iters=200" in text
+    assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs)
