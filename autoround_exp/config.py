@@ -7,6 +7,7 @@ what to set instead.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,9 @@ class ModelConfig:
     # transformers auto class that loads it for quantization: causal_lm | image_text_to_text
     loader: str = "causal_lm"
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+    # A Linear of the vision tower (vision-language models): `ignore` must cover it, as
+    # upstream keeps the vision tower unquantized.
+    vision_linear: str | None = None
     # in_features of the quantized Linear layers: group sizes must divide each one.
     linear_in_features: list[int] = field(default_factory=list)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -264,6 +268,18 @@ def _is_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
 
 
+def ignores(module: str, ignore: list[str]) -> bool:
+    """Whether llm-compressor's ``ignore`` list leaves ``module`` unquantized ("re:" entries
+    are regular expressions matched from the start, others name a module or its suffix)."""
+    for entry in ignore:
+        if entry.startswith("re:"):
+            if re.match(entry[3:], module):
+                return True
+        elif module == entry or module.endswith(f".{entry}"):
+            return True
+    return False
+
+
 def check_report(r: ReportConfig) -> None:
     for key, value in [("report.recovery_threshold", r.recovery_threshold)] + [
         (f"report.recovery_thresholds.{k}", v) for k, v in r.recovery_thresholds.items()
@@ -317,6 +333,17 @@ def validate(cfg: DictConfig) -> Experiment:
                 f"model={m.name}; choose a scheme whose group size divides {m.linear_in_features}."
             )
 
+    if m.modality == "vision-language" and q.name != "none":
+        if m.vision_linear is None:
+            raise ConfigError(
+                f"model={m.name} is vision-language: set model.vision_linear to the name of one of its "
+                "vision tower's Linear layers, so the recipe can be checked to leave the tower unquantized."
+            )
+        if not ignores(m.vision_linear, m.ignore):
+            raise ConfigError(
+                f"model.ignore={list(m.ignore)} would quantize the vision tower ({m.vision_linear}); "
+                'add a pattern for it, as upstream does: model.ignore=["re:.*lm_head","re:.*visual.*"].'
+            )
     if ev.modality == "vision-language" and m.modality != "vision-language":
         raise ConfigError(f"eval={ev.name} needs a vision-language model; model={m.name} is text-only.")
     if ev.limit is not None and ev.limit <= 0:

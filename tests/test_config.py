@@ -22,6 +22,8 @@ def test_every_option_composes_and_validates(group, option):
     overrides = [f"{group}={option}"]
     if group == "scheme" and option in ("fp8_dynamic", "w8a8"):
         overrides.append("method=rtn")  # AutoRoundModifier does not tune these
+    if group == "eval" and option == "chartqa":
+        overrides.append("model=qwen3_vl_8b_instruct")  # chartqa needs a vision-language model
     if group == "serve" and option.startswith("vllm"):
         overrides += ["scheme=w8a8", "method=rtn"]  # a scheme vLLM runs on CPU and GPU alike
     exp = validate(compose_cfg(overrides))
@@ -93,6 +95,9 @@ BAD = [
     (["eval.modality=vision-language"], "needs a vision-language model"),
     (["eval.batch_size=big"], "eval.batch_size=big"),
     (["method.lr=-1"], "method.lr=-1"),
+    (["eval=chartqa"], "eval=chartqa needs a vision-language model; model=tiny_llama is text-only"),
+    (["model=qwen3_vl_8b_instruct", "model.ignore=[lm_head]"], "would quantize the vision tower"),
+    (["model=qwen3_vl_8b_instruct", "model.vision_linear=null"], "set model.vision_linear"),
     (["seed=-1"], "seed=-1 is invalid; set an integer >= 0"),
     (["report.recovery_threshold=1.5"], "report.recovery_threshold=1.5 is invalid; set a recovery fraction in (0, 1]"),
     (["report.recovery_threshold=0"], "report.recovery_threshold=0.0 is invalid"),
@@ -125,3 +130,19 @@ def test_non_integer_iters_is_rejected_by_the_schema():
 def test_unknown_key_is_rejected_by_the_schema():
     with pytest.raises(Exception, match="itres"):
         compose_cfg(["method.itres=3"])
+
+
+@pytest.mark.parametrize(
+    "module,ignore,ignored",
+    [
+        ("model.visual.blocks.0.attn.qkv", ["re:.*lm_head", "re:.*visual.*"], True),
+        ("model.visual.blocks.0.attn.qkv", ["lm_head"], False),
+        ("lm_head", ["lm_head"], True),
+        ("model.language_model.layers.0.mlp.down_proj", ["re:.*visual.*", "lm_head"], False),
+        ("model.visual.merger.linear_fc1", ["visual.merger.linear_fc1"], True),
+    ],
+)
+def test_ignore_patterns_as_llm_compressor_reads_them(module, ignore, ignored):
+    from autoround_exp.config import ignores
+
+    assert ignores(module, ignore) is ignored

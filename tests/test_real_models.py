@@ -67,3 +67,12 @@ def test_qwen3_vl_keeps_vision_tower_and_lm_head_unquantized():
     assert opt(argv, "--model") == "vllm-vlm" and "add_bos_token=True" in opt(argv, "--model_args")
     assert opt(argv, "--tasks") == "gsm8k" and opt(argv, "--num_fewshot") == "5"
     assert exp.checkpoint_name == "Qwen3-VL-8B-Instruct-NVFP4-AutoRound"
+
+
+def test_qwen3_vl_chartqa_is_upstreams_lm_eval_command():
+    exp = validate(compose_cfg(["model=qwen3_vl_8b_instruct", "scheme=nvfp4", "eval=chartqa"]))
+    argv = evaluate.lm_eval_argv(exp, "/ckpt", Path("/out"), None)
+    assert opt(argv, "--model") == "vllm-vlm" and opt(argv, "--tasks") == "chartqa"
+    assert "--apply_chat_template" in argv and opt(argv, "--num_fewshot") == "0"
+    # the BOS choice is explicit: upstream's lm-eval config for chartqa with the chat template
+    assert "add_bos_token=False" in opt(argv, "--model_args") and opt(argv, "--batch_size") == "1"
