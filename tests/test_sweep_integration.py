@@ -63,7 +63,9 @@ def mlflow_runs(workdir: Path):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("autoround-exp")
-    return client, client.search_runs([exp.experiment_id])
+    # the jobs' runs; the report logs itself to one more run, tagged autoround_exp.report
+    runs = client.search_runs([exp.experiment_id])
+    return client, [r for r in runs if "autoround_exp.report" not in r.data.tags]
 
 
 EXPECTED = {
@@ -110,7 +112,8 @@ def test_sweep_yields_base_rtn_and_autoround_runs_in_mlflow(sweep):
 
 def test_output_says_which_backend_scored_each_run(sweep):
     stdout = sweep[1].stdout
-    assert stdout.count("backend=hf mlflow_run=") == 4, stdout[-3000:]
+    # 2 jobs x (base, rtn, self): 4 done, 2 reused, each line naming its backend
+    assert stdout.count("backend=hf mlflow_run=") == 6 and stdout.count("[done]") == 4, stdout[-3000:]
 
 
 def test_tiny_model_scores_well_and_quantization_changes_it(sweep):
