@@ -139,6 +139,9 @@ class EvalConfig:
     # the task is then registered as <task>_<data_name>.
     data_path: str | None = None
     data_name: str = "local"
+    # The local folder's files: <split>.jsonl (data_format json) or <split>.parquet.
+    data_format: str = "json"
+    data_splits: list[str] = field(default_factory=lambda: ["train", "test"])
 
 
 @dataclass
@@ -268,6 +271,14 @@ def _is_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
 
 
+DATA_FORMATS = {"json": "jsonl", "parquet": "parquet"}  # lm-eval's dataset_path -> file suffix
+
+
+def data_files(ev: EvalConfig, folder: str) -> dict[str, str]:
+    """The local data set's file per split, as the task's ``dataset_kwargs.data_files``."""
+    return {s: str(Path(folder) / f"{s}.{DATA_FORMATS[ev.data_format]}") for s in ev.data_splits}
+
+
 def ignores(module: str, ignore: list[str]) -> bool:
     """Whether llm-compressor's ``ignore`` list leaves ``module`` unquantized ("re:" entries
     are regular expressions matched from the start, others name a module or its suffix)."""
@@ -374,12 +385,14 @@ def validate(cfg: DictConfig) -> Experiment:
         )
 
     eval_data = LocalTaskData(ev.data_path, ev.data_name) if ev.data_path else m.eval_data.get(ev.task)
+    _choices("eval.data_format", ev.data_format, DATA_FORMATS)
     if eval_data is not None:
-        for split in ("train.jsonl", "test.jsonl"):
-            if not (Path(eval_data.path) / split).is_file():
+        files = data_files(ev, eval_data.path)
+        for path in files.values():
+            if not Path(path).is_file():
                 raise ConfigError(
-                    f"eval data {eval_data.path} has no {split}; set eval.data_path to a folder with "
-                    "train.jsonl and test.jsonl in the task's format."
+                    f"eval data {eval_data.path} has no {Path(path).name}; set eval.data_path to a folder with "
+                    f"{', '.join(Path(p).name for p in files.values())} in the task's format."
                 )
 
     if sv.python is not None and not Path(sv.python).is_file():

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from autoround_exp import child, server
-from autoround_exp.config import Experiment
+from autoround_exp.config import Experiment, data_files
 from autoround_exp.serve import probe
 
 LM_EVAL_MODEL = {
@@ -56,16 +56,15 @@ def stock_task_yaml(platform: dict, task_yaml: str) -> Path:
 
 
 def write_task(exp: Experiment, task_dir: Path, stock_yaml: Path) -> None:
-    """The stock task with only its data source replaced by local jsonl files."""
+    """The stock task with only its data source replaced by local files (jsonl or parquet)."""
     task_dir.mkdir(parents=True, exist_ok=True)
-    data = Path(exp.eval_data.path)
     task = {
         "include": str(stock_yaml),
         "task": exp.lm_eval_task,
         "tag": [],
-        "dataset_path": "json",
+        "dataset_path": exp.eval.data_format,
         "dataset_name": None,
-        "dataset_kwargs": {"data_files": {"train": str(data / "train.jsonl"), "test": str(data / "test.jsonl")}},
+        "dataset_kwargs": {"data_files": data_files(exp.eval, exp.eval_data.path)},
     }
     (task_dir / f"{exp.lm_eval_task}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
 

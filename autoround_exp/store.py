@@ -14,7 +14,7 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-from autoround_exp.config import Experiment
+from autoround_exp.config import Experiment, data_files
 
 QUANT_LIBS = ("torch", "transformers", "llmcompressor", "auto-round", "compressed-tensors")
 # What of the serve environment's probe decides an evaluation's numbers.
@@ -74,8 +74,7 @@ def eval_identity(exp: Experiment, quant_key: str) -> dict:
     if exp.serve.backend in ("vllm", "vllm_server"):
         ident["engine"] = asdict(exp.model.vllm)
     if exp.eval_data is not None:
-        data = Path(exp.eval_data.path)
-        ident["data"] = {s: file_digest(data / f"{s}.jsonl") for s in ("train", "test")}
+        ident["data"] = {s: file_digest(p) for s, p in data_files(exp.eval, exp.eval_data.path).items()}
     return ident
 
 

@@ -1,0 +1,110 @@
+"""The synthetic ChartQA-format charts: deterministic, answerable, and read by lm-eval's
+stock chartqa task offline (``dataset_path: parquet``)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from autoround_exp.tiny import charts
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return charts.write(tmp_path_factory.mktemp("charts"), n=24, seed=0)
+
+
+def test_same_seed_same_questions_and_same_png_bytes(data, tmp_path):
+    again = charts.write(tmp_path, n=24, seed=0)
+    a, b = pd.read_parquet(data), pd.read_parquet(again)
+    assert a.drop(columns="image").equals(b.drop(columns="image"))
+    assert [r["bytes"] for r in a.image] == [r["bytes"] for r in b.image]
+    assert (
+        not pd.read_parquet(charts.write(tmp_path / "other", n=24, seed=1))
+        .drop(columns="image")
+        .equals(a.drop(columns="image"))
+    )
+
+
+def test_answers_are_what_the_chart_shows_and_never_one_digit():
+    import random
+
+    rng = random.Random(3)
+    for _ in range(200):
+        chart = charts.make_chart(rng)
+        for query, answer in chart.questions(rng):
+            assert len(answer) >= 2  # anywhere_accuracy would match a lone digit anywhere
+            if query.startswith(("How many", "What was the value")):
+                assert int(answer) in chart.values
+            elif query.startswith("What is the difference"):
+                assert int(answer) == max(chart.values) - min(chart.values)
+            elif "highest" in query or "most" in query:
+                assert chart.values[chart.labels.index(answer)] == max(chart.values)
+            else:
+                assert "least" in query and chart.values[chart.labels.index(answer)] == min(chart.values)
+
+
+def test_images_are_pngs_with_the_numbers_drawn():
+    from PIL import Image
+
+    rows = charts.build(3, seed=0)
+    img = Image.open(io.BytesIO(rows[0]["image"]["bytes"]))
+    assert img.format == "PNG" and img.size == (224, 224)
+
+
+def test_lm_evals_stock_chartqa_reads_them_offline_and_scores_the_labels_right(data, tmp_path, monkeypatch):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    stock = Path(lm_eval.__file__).parent / "tasks" / "chartqa" / "chartqa.yaml"
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    (task_dir / "chartqa_charts.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "include": str(stock),
+                "task": "chartqa_charts",
+                "dataset_path": "parquet",
+                "dataset_kwargs": {"data_files": {"test": str(data)}},
+            }
+        )
+    )
+    task = TaskManager(include_path=str(task_dir)).load(["chartqa_charts"])["tasks"]["chartqa_charts"]
+    docs = list(task.test_docs())
+    assert len(docs) == 24
+    doc = docs[0]
+    assert task.doc_to_target(doc) == doc["label"][0]
+    assert doc["query"] in task.doc_to_text(doc)
+    # a perfect answer in the format the prompt asks for gets every metric
+    scores = task.process_results(doc, [f"The chart shows it.\nFinal Answer: {doc['label'][0]}"])
+    assert scores == {"exact_match": 1.0, "relaxed_accuracy": 1.0, "anywhere_accuracy": 1.0}
+
+
+def test_chartqa_runs_offline_on_a_local_parquet_folder(data, tmp_path):
+    """eval.data_path points chartqa at the generated charts: the task written for the child
+    is the stock one with only its data source replaced, and the data is part of the key."""
+    from autoround_exp import evaluate, store
+    from autoround_exp.config import validate
+    from tests.conftest import compose_cfg
+
+    args = ["model=qwen3_vl_8b_instruct", "eval=chartqa", "serve=hf", f"eval.data_path={data.parent}"]
+    exp = validate(compose_cfg(args))
+    assert exp.lm_eval_task == "chartqa_local"
+    stock = evaluate.stock_task_yaml(exp.serve_choice.platform, exp.eval.task_yaml)
+    evaluate.write_task(exp, tmp_path / "tasks", stock)
+    task = yaml.safe_load((tmp_path / "tasks" / "chartqa_local.yaml").read_text())
+    assert task["dataset_path"] == "parquet" and task["dataset_kwargs"] == {"data_files": {"test": str(data)}}
+    assert store.eval_identity(exp, "q")["data"] == {"test": store.file_digest(data)}
+
+
+def test_a_missing_parquet_is_refused_at_the_door(tmp_path):
+    from autoround_exp.config import ConfigError, validate
+    from tests.conftest import compose_cfg
+
+    with pytest.raises(ConfigError, match="has no test.parquet"):
+        validate(compose_cfg(["model=qwen3_vl_8b_instruct", "eval=chartqa", "serve=hf", f"eval.data_path={tmp_path}"]))
