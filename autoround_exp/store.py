@@ -83,11 +83,16 @@ def keys(exp: Experiment) -> tuple[str, str]:
     return qkey, digest(eval_identity(exp, qkey))
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> bool:
+    """Write ``text`` under a temporary name and rename it over ``path``, so a reader never
+    sees half a file; leave ``path`` alone when it already holds ``text``. True if written."""
+    if path.is_file() and path.read_text() == text:
+        return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     tmp.replace(path)
+    return True
 
 
 class Store:
@@ -105,9 +110,9 @@ class Store:
     def save(self, record: dict, samples: dict | None = None) -> Path:
         """The per-document scores first: a record on disk always has its samples."""
         if samples is not None:
-            _write_atomic(self.samples / f"{record['key']}.json", json.dumps(samples, separators=(",", ":")))
+            write_atomic(self.samples / f"{record['key']}.json", json.dumps(samples, separators=(",", ":")))
         path = self.runs / f"{record['name']}__{record['key']}.json"
-        _write_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
+        write_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
         return path
 
     def samples_of(self, key: str) -> dict | None:

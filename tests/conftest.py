@@ -57,3 +57,38 @@ def hand_written_gsm8k_arith_task(tasks: Path, stock_gsm8k_yaml: str | Path) -> 
     }
     (tasks / "gsm8k_arith.yaml").write_text(yaml.safe_dump(task))
     return tasks
+
+
+def lm_eval_by_hand(
+    python: str,
+    stock_gsm8k_yaml: str | Path,
+    workdir: Path,
+    model: str,
+    model_args: str,
+    limit: int,
+    extra: tuple[str, ...] = (),
+    env: dict | None = None,
+) -> dict[str, float]:
+    """``python -m lm_eval`` on the tiny model's gsm8k, 5-shot, typed as a user would, without
+    the harness; returns the metrics under the names the harness records them."""
+    import subprocess
+
+    from autoround_exp import lmeval_results
+
+    tasks = hand_written_gsm8k_arith_task(workdir / "tasks", stock_gsm8k_yaml)
+    out = workdir / "out"
+    argv = [python, "-m", "lm_eval", "--model", model, "--model_args", model_args, "--tasks", "gsm8k_arith"]
+    argv += ["--include_path", str(tasks), "--num_fewshot", "5", "--limit", str(limit), "--output_path", str(out)]
+    subprocess.run([*argv, *extra], check=True, capture_output=True, timeout=1200, env=env)
+    results = lmeval_results.load(next(out.rglob("results_*.json")))
+    return lmeval_results.mlflow_metrics(lmeval_results.metrics(results))
+
+
+def paths_args(workdir: Path) -> list[str]:
+    """run.py overrides that keep a test's results, outputs and MLflow store in ``workdir``."""
+    return [
+        f"paths.results={workdir / 'results'}",
+        f"paths.work={workdir / 'work'}",
+        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+        f"tracking.artifact_root={workdir / 'mlartifacts'}",
+    ]

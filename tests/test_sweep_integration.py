@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from autoround_exp import lmeval_results
-from tests.conftest import ROOT, hand_written_gsm8k_arith_task
+from tests.conftest import ROOT, lm_eval_by_hand, paths_args
 
 pytestmark = pytest.mark.slow
 
@@ -29,15 +28,6 @@ SWEEP = [
     "method.batch_size=4",
 ]
 README = "# notes\n\nkeep  this\n\n<!-- results:begin -->\n<!-- results:end -->\n\ntail\n"
-
-
-def paths_args(workdir: Path) -> list[str]:
-    return [
-        f"paths.results={workdir / 'results'}",
-        f"paths.work={workdir / 'work'}",
-        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
-        f"tracking.artifact_root={workdir / 'mlartifacts'}",
-    ]
 
 
 def run_sweep(workdir: Path, extra: list[str] = ()) -> subprocess.CompletedProcess:
@@ -260,37 +250,13 @@ def test_score_equals_lm_eval_run_by_hand(sweep, tmp_path):
     import lm_eval
 
     stock = Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml"
-    tasks = hand_written_gsm8k_arith_task(tmp_path / "tasks", stock)
-    out = tmp_path / "out"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lm_eval",
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={rec['checkpoint']},dtype=bfloat16,add_bos_token=True",
-            "--tasks",
-            "gsm8k_arith",
-            "--include_path",
-            str(tasks),
-            "--num_fewshot",
-            "5",
-            "--limit",
-            str(LIMIT),
-            "--batch_size",
-            "16",
-            "--device",
-            "cpu",
-            "--output_path",
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=1200,
-    )
-    by_hand = lmeval_results.mlflow_metrics(
-        lmeval_results.metrics(lmeval_results.load(next(out.rglob("results_*.json"))))
+    by_hand = lm_eval_by_hand(
+        sys.executable,
+        stock,
+        tmp_path,
+        "hf",
+        f"pretrained={rec['checkpoint']},dtype=bfloat16,add_bos_token=True",
+        LIMIT,
+        extra=("--batch_size", "16", "--device", "cpu"),
     )
     assert by_hand == rec["metrics"]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from autoround_exp import lmeval_results, serve
-from tests.conftest import ROOT, hand_written_gsm8k_arith_task
+from autoround_exp import serve
+from tests.conftest import ROOT, lm_eval_by_hand, paths_args
 
 pytestmark = [
     pytest.mark.slow,
@@ -26,20 +26,11 @@ STRICT = "gsm8k_arith/exact_match/strict-match"
 
 
 def run_py(workdir: Path, *args: str, check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
-    argv = [sys.executable, str(ROOT / "run.py"), *args, *workdir_args(workdir)]
+    argv = [sys.executable, str(ROOT / "run.py"), *args, *paths_args(workdir)]
     proc = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
-
-
-def workdir_args(workdir: Path) -> list[str]:
-    return [
-        f"paths.results={workdir / 'results'}",
-        f"paths.work={workdir / 'work'}",
-        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
-        f"tracking.artifact_root={workdir / 'mlartifacts'}",
-    ]
 
 
 def serve_processes() -> list[str]:
@@ -135,37 +126,15 @@ def test_score_equals_lm_eval_vllm_run_by_hand(sweep, tmp_path):
         text=True,
         check=True,
     ).stdout.strip()
-    tasks = hand_written_gsm8k_arith_task(tmp_path / "tasks", f"{lm_eval_dir}/tasks/gsm8k/gsm8k.yaml")
-    out = tmp_path / "out"
-    subprocess.run(
-        [
-            python,
-            "-m",
-            "lm_eval",
-            "--model",
-            "vllm",
-            "--model_args",
-            f"pretrained={rec['checkpoint']},dtype=bfloat16,add_bos_token=True,max_model_len=2048,enforce_eager=True",
-            "--tasks",
-            "gsm8k_arith",
-            "--include_path",
-            str(tasks),
-            "--num_fewshot",
-            "5",
-            "--limit",
-            str(LIMIT),
-            "--batch_size",
-            "auto",
-            "--output_path",
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=1200,
+    by_hand = lm_eval_by_hand(
+        python,
+        f"{lm_eval_dir}/tasks/gsm8k/gsm8k.yaml",
+        tmp_path,
+        "vllm",
+        f"pretrained={rec['checkpoint']},dtype=bfloat16,add_bos_token=True,max_model_len=2048,enforce_eager=True",
+        LIMIT,
+        extra=("--batch_size", "auto"),
         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
-    )
-    by_hand = lmeval_results.mlflow_metrics(
-        lmeval_results.metrics(lmeval_results.load(next(out.rglob("results_*.json"))))
     )
     assert by_hand == rec["metrics"]
 
@@ -191,7 +160,7 @@ def test_evaluation_past_its_timeout_is_killed_with_its_engine(tmp_path):
 
 
 def test_ctrl_c_while_serving_stops_the_server(tmp_path):
-    argv = [sys.executable, str(ROOT / "run.py"), "serve=vllm_server", "method=none", *workdir_args(tmp_path)]
+    argv = [sys.executable, str(ROOT / "run.py"), "serve=vllm_server", "method=none", *paths_args(tmp_path)]
     proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while not any("vllm.entrypoints.cli.main" in p for p in serve_processes()):

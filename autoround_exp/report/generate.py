@@ -8,6 +8,7 @@ from pathlib import Path
 from autoround_exp.config import ReportConfig
 from autoround_exp.report import readme, runs, tables
 from autoround_exp.report.render import render
+from autoround_exp.store import write_atomic
 
 
 def generate(
@@ -33,7 +34,7 @@ def generate(
     # relative to the README); check mode writes nothing and only compares the README.
     report = render(loaded, thresholds, cfg.alpha, plots, results, source, write_plots=not check)
     if not check:
-        _write(results / "report.md", report.markdown)
+        write_atomic(results / "report.md", report.markdown)
         print(f"report: {len(loaded)} runs -> {results / 'report.md'}, {len(report.plots)} plot(s)")
         if log_to:
             from autoround_exp.report.mlflow_log import log_report
@@ -64,12 +65,3 @@ def generate(
     if fail_below_threshold and report.below_threshold:
         status = status or 3
     return status
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file() and path.read_text() == text:
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

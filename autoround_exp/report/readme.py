@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from autoround_exp.store import write_atomic
+
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
 # A marker is a line of its own: the README may mention the markers in its prose.
@@ -35,7 +37,5 @@ def update(path: Path, block: str, check: bool = False) -> bool:
     if new == text:
         return False
     if not check:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(new)
-        tmp.replace(path)
+        write_atomic(path, new)
     return True
