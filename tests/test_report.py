@@ -154,8 +154,8 @@ def test_latest_run_of_a_config_replaces_an_older_one(tmp_path):
     assert section.rows[0].first.record["mlflow_run_id"] != "old-run" and len(section.rows) == 7
 
 
-def test_published_numbers_are_shown_beside_ours_and_labelled(tmp_path):
-    """Our runs, relabelled as the real model's full gsm8k runs, meet upstream's numbers."""
+def as_llama_gsm8k(tmp_path: Path, limit: int | None = None) -> list[runs.Run]:
+    """The fixture's runs relabelled as Llama-3.1-8B-Instruct gsm8k runs (with ``limit``)."""
     results = tmp_path / "results"
     shutil.copytree(FIXTURE, results)
     for path in (results / "runs").glob("*.json"):
@@ -163,10 +163,16 @@ def test_published_numbers_are_shown_beside_ours_and_labelled(tmp_path):
         rec["model"]["path"] = "meta-llama/Llama-3.1-8B-Instruct"
         rec["model"]["display_name"] = "Meta-Llama-3.1-8B-Instruct"
         rec["eval"]["task"] = "gsm8k"
+        rec["config"]["eval"]["limit"] = limit
         for m in rec["table"]:
             m["task"] = "gsm8k"
         path.write_text(json.dumps(rec))
-    loaded = runs.from_store(results)
+    return runs.from_store(results)
+
+
+def test_published_numbers_are_shown_beside_ours_and_labelled(tmp_path):
+    """Our runs, relabelled as the real model's full gsm8k runs, meet upstream's numbers."""
+    loaded = as_llama_gsm8k(tmp_path)
     (section,) = runs.sections(loaded)
     pub = tables.published_table(section, published())
     lines = [line for line in pub.splitlines() if line.startswith("| NVFP4 AutoRound iters=200")]
@@ -180,13 +186,16 @@ def test_published_numbers_are_shown_beside_ours_and_labelled(tmp_path):
     assert "0.6945 ± 0.0127" in strict_line and f"({gap:+.1f} σ)".replace("-", "−") in strict_line
     # W4A16 has no published number: never shown as if it had one
     assert "W4A16" not in pub
-    report = render(loaded, tables.Thresholds(), ALPHA, None, results, "test")
+    report = render(loaded, tables.Thresholds(), ALPHA, None, tmp_path / "results", "test")
     assert "Ours vs **published** (upstream" in report.markdown
 
 
-def test_limited_runs_never_meet_the_published_full_test_set_numbers(loaded):
-    (section,) = runs.sections(loaded)
-    assert tables.published_table(section, {"entries": [], "source": "x"}) is None
+def test_limited_runs_never_meet_the_published_full_test_set_numbers(tmp_path):
+    (section,) = runs.sections(as_llama_gsm8k(tmp_path, limit=200))
+    assert tables.published_table(section, published()) is None
+    # nor does another model's full run
+    (tiny,) = runs.sections(runs.from_store(FIXTURE))
+    assert tables.published_table(tiny, published()) is None
 
 
 def test_rendered_report_matches_the_golden_file(loaded, tmp_path):
