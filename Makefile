@@ -46,6 +46,7 @@ endif
 demo: env
 	$(PY) run.py -m +sweep=demo
 	$(PY) run.py -m +sweep=demo_vllm
+	$(PY) run.py -m +sweep=demo_vlm
 
 test: env
 	$(PY) -m pytest

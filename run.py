@@ -28,6 +28,7 @@ def sweep_id() -> str:
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
+    started = time.time()
     try:
         exp = validate(cfg)
     except ConfigError as e:
@@ -35,7 +36,14 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     from autoround_exp.pipeline import run_experiment  # heavy imports only after validation
 
-    run_experiment(exp, sweep_id())
+    outcomes = run_experiment(exp, sweep_id())
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        from autoround_exp.sweep_summary import record_job
+
+        record_job(hc.sweep.dir, hc.job.num, list(hc.overrides.task), outcomes, started)
+    elif any(o.status == "failed" for o in outcomes):
+        sys.exit(1)
 
 
 def _exit_on_sigterm(signum, frame):

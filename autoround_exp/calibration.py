@@ -8,6 +8,7 @@ the mask), so every sample built here has exactly ``seqlen`` tokens and no paddi
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -25,7 +26,8 @@ class CalibrationInfo:
     mode: str
     seed: int
     texts_read: int
-    token_sha256: str  # hash of the exact token ids that tuned the model
+    token_sha256: str  # hash of the exact token ids (and image bytes) that tuned the model
+    images: int = 0  # image+text calibration: one image per sample
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -33,6 +35,11 @@ class CalibrationInfo:
 
 def is_local(source: str) -> bool:
     return Path(source).expanduser().is_file()
+
+
+def is_image_text(source: str) -> bool:
+    """A ChartQA-format parquet (image / query / label) calibrates with images and text."""
+    return source.endswith(".parquet")
 
 
 def read_texts(path: Path, text_column: str) -> list[str]:
@@ -99,8 +106,8 @@ def token_ids(tokenizer, cfg: CalibrationConfig) -> tuple[list[list[int]], int]:
     if len(samples) < cfg.nsamples:
         raise ConfigError(
             f"calibration.source={cfg.source} yields {len(samples)} samples of {cfg.seqlen} tokens "
-            f"(mode={cfg.mode}), fewer than calibration.nsamples={cfg.nsamples}; lower nsamples or seqlen, "
-            "or use calibration.mode=pack."
+            f"(mode={cfg.mode}), fewer than calibration.nsamples={cfg.nsamples}; lower nsamples or seqlen"
+            + (", or use calibration.mode=pack." if cfg.mode == "truncate" else ", or give it more text.")
         )
     lengths = {len(s) for s in samples}
     if lengths != {cfg.seqlen}:  # would be tuned on padding: never let it through
@@ -126,3 +133,74 @@ def build(tokenizer, cfg: CalibrationConfig):
     )
     ds = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * cfg.seqlen for _ in samples]})
     return ds, info
+
+
+def build_image_text(processor, cfg: CalibrationConfig):
+    """Image+text calibration for a vision-language model: ``nsamples`` rows of a
+    ChartQA-format parquet (image / query / label), each asked and answered in one chat
+    turn through the model's chat template, cut to exactly ``seqlen`` tokens with the
+    image's tokens kept whole. Rows shorter than ``seqlen`` are skipped, as ``truncate``
+    skips short texts: every sample has one length, so nothing is tuned on padding."""
+    from datasets import Dataset
+
+    rows = list(Dataset.from_parquet(str(Path(cfg.source).expanduser())))
+    random.Random(cfg.seed).shuffle(rows)
+    image_token = processor.image_token_id
+    samples, digest = [], hashlib.sha256()
+    for row in rows:
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["query"]}]},
+            {"role": "assistant", "content": [{"type": "text", "text": row["label"][0]}]},
+        ]
+        text = processor.apply_chat_template(messages)
+        enc = processor(text=[text], images=[row["image"].convert("RGB")], return_tensors="pt")
+        ids = enc["input_ids"][0].tolist()
+        image_positions = [i for i, t in enumerate(ids) if t == image_token]
+        if len(ids) < cfg.seqlen or not image_positions or image_positions[-1] >= cfg.seqlen:
+            continue
+        # per-token fields cut to seqlen; image fields (pixel_values, image_grid_thw) whole
+        sample = {k: v[0, : cfg.seqlen] if k in PER_TOKEN else v for k, v in enc.items()}
+        samples.append(sample)
+        digest.update(json.dumps(sample["input_ids"].tolist()).encode())
+        with io.BytesIO() as buf:
+            row["image"].save(buf, format="PNG")
+            digest.update(buf.getvalue())
+        if len(samples) == cfg.nsamples:
+            break
+    if len(samples) < cfg.nsamples:
+        raise ConfigError(
+            f"calibration.source={cfg.source} yields {len(samples)} image+text samples of at least "
+            f"{cfg.seqlen} tokens (image included), fewer than calibration.nsamples={cfg.nsamples}; "
+            "lower calibration.seqlen or nsamples."
+        )
+    info = CalibrationInfo(
+        source=cfg.source,
+        text_column="query+label",
+        nsamples=cfg.nsamples,
+        seqlen=cfg.seqlen,
+        mode="image_text",
+        seed=cfg.seed,
+        texts_read=len(rows),
+        token_sha256=digest.hexdigest(),
+        images=len(samples),
+    )
+    return Dataset.from_list([{k: _plain(v) for k, v in s.items()} for s in samples]), info
+
+
+PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+def _plain(value):
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def collate_one(batch: list[dict]) -> dict:
+    """oneshot's data collator for image+text samples (one per batch: images differ in size)."""
+    import torch
+
+    assert len(batch) == 1, "image+text calibration batches hold one sample"
+    out = {}
+    for key, value in batch[0].items():
+        tensor = torch.tensor(value)
+        out[key] = tensor.unsqueeze(0) if key in PER_TOKEN else tensor
+    return out

@@ -29,7 +29,9 @@ class ConfigError(ValueError):
 @dataclass
 class CalibrationConfig:
     # A hub data set id (fetched with auto-round's get_dataset, as upstream's example),
-    # or a local .jsonl (one object per line with `text_column`) or .txt file.
+    # or a local .jsonl (one object per line with `text_column`) or .txt file; for a
+    # vision-language model also a ChartQA-format .parquet (image / query / label):
+    # image+text samples, each cut to seqlen tokens (mode does not apply).
     source: str = "NeelNanda/pile-10k"
     text_column: str = "text"
     nsamples: int = 128
@@ -163,7 +165,8 @@ class TrackingConfig:
     enabled: bool = True
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "autoround-exp"
-    artifact_root: str = "mlartifacts"  # used when the experiment is created
+    # Where a new experiment keeps artifacts; null: the tracking server decides (tracking=server).
+    artifact_root: str | None = "mlartifacts"
 
 
 @dataclass
@@ -291,6 +294,23 @@ def ignores(module: str, ignore: list[str]) -> bool:
     return False
 
 
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "databricks")
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without credentials (user:password@), as it may be logged and stored."""
+    return re.sub(r"(://)[^/@]*@", r"\1***@", uri)
+
+
+def check_tracking(t: TrackingConfig) -> None:
+    scheme = t.uri.split(":", 1)[0] if ":" in t.uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError(
+            f"tracking.uri={redact_uri(t.uri)} is not a tracking URI MLflow takes; use sqlite:///mlflow.db, "
+            f"http://host:port (tracking=server) or another of {', '.join(TRACKING_SCHEMES)}."
+        )
+
+
 def check_report(r: ReportConfig) -> None:
     for key, value in [("report.recovery_threshold", r.recovery_threshold)] + [
         (f"report.recovery_thresholds.{k}", v) for k, v in r.recovery_thresholds.items()
@@ -379,6 +399,11 @@ def validate(cfg: DictConfig) -> Experiment:
         raise ConfigError(
             f"calibration.nsamples={calib.nsamples}, calibration.seqlen={calib.seqlen}: both must be >= 1."
         )
+    if calib.source.endswith(".parquet") and m.modality != "vision-language":
+        raise ConfigError(
+            f"calibration.source={calib.source} is image+text (a ChartQA-format parquet); model={m.name} is "
+            "text-only: set a .jsonl/.txt file or a hub data set id."
+        )
     if q.name != "none" and _is_local(calib.source) and not Path(calib.source).expanduser().is_file():
         raise ConfigError(
             f"calibration.source={calib.source} does not exist; set a .jsonl/.txt file or a hub data set id."
@@ -406,12 +431,15 @@ def validate(cfg: DictConfig) -> Experiment:
         raise ConfigError("serve.startup_timeout_s and eval.timeout_s must be positive numbers of seconds.")
     _choices("model.loader", m.loader, LOADERS)
     check_report(typed.report)
+    if typed.tracking.enabled:
+        check_tracking(typed.tracking)
+    resolved["tracking"]["uri"] = redact_uri(typed.tracking.uri)  # what is logged and stored
 
     # Last, because it asks the serve environment (a child process, a few seconds).
     from autoround_exp.serve import ServeEnvError, choose
 
     try:
-        choice = choose(sv.backend, s.preset if q.name != "none" else None, sv.python)
+        choice = choose(sv.backend, s.preset if q.name != "none" else None, sv.python, m.modality)
     except ServeEnvError as err:
         raise ConfigError(str(err)) from err
     resolved["serve"] = {**resolved["serve"], "backend": choice.backend, "requested": choice.requested}

@@ -12,6 +12,7 @@ never imports vLLM or lm-eval. Backends (``serve.backend``, resolved by ``serve.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class EvalResult:
     device: str
     platform: dict  # what the serve environment reported: versions, device name
     kernels: list[str]  # the linear kernels vLLM reported choosing
+    bos: dict  # bos_check: add_bos_token, whether the chat template writes BOS, double-BOS warning
     seconds: float
     command: list[str]
     server_command: list[str] | None
@@ -67,6 +69,51 @@ def write_task(exp: Experiment, task_dir: Path, stock_yaml: Path) -> None:
         "dataset_kwargs": {"data_files": data_files(exp.eval, exp.eval_data.path)},
     }
     (task_dir / f"{exp.lm_eval_task}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+
+
+def _tokenizer_files(checkpoint: str) -> dict[str, str]:
+    """tokenizer_config.json and chat_template.jinja of a local directory or a cached hub
+    model, as text (never downloads: a file not found locally is left out)."""
+    found = {}
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        path = Path(checkpoint) / name
+        if not path.is_file() and not Path(checkpoint).is_dir():
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                cached = try_to_load_from_cache(checkpoint, name)
+                path = Path(cached) if isinstance(cached, str) else path
+            except Exception:
+                pass
+        if path.is_file():
+            found[name] = path.read_text()
+    return found
+
+
+def bos_check(exp: Experiment, checkpoint: str) -> dict:
+    """Whether this evaluation starts prompts with two BOS tokens (lm-eval issue #2676):
+    lm-eval adds the tokenizer's BOS when add_bos_token is set, and a chat template that
+    writes the BOS itself adds a second one."""
+    ev = exp.eval
+    files = _tokenizer_files(checkpoint)
+    info = {"add_bos_token": ev.add_bos_token, "apply_chat_template": ev.apply_chat_template, "bos_token": None}
+    if "tokenizer_config.json" not in files:
+        return {**info, "template_writes_bos": None, "double_bos": None, "warning": None}
+    tok = json.loads(files["tokenizer_config.json"])
+    bos = tok.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    template = files.get("chat_template.jinja") or tok.get("chat_template") or ""
+    template = template if isinstance(template, str) else json.dumps(template)
+    writes_bos = bool(bos) and ("bos_token" in template or bos in template)
+    double = bool(ev.apply_chat_template and ev.add_bos_token and writes_bos)
+    warning = (
+        f"double BOS: eval.add_bos_token=true and the chat template already starts with {bos}; "
+        f"every prompt begins {bos}{bos} (lm-eval #2676). Set eval.add_bos_token=false to score it as the "
+        "model was trained."
+        if double
+        else None
+    )
+    return {**info, "bos_token": bos, "template_writes_bos": writes_bos, "double_bos": double, "warning": warning}
 
 
 def device_of(exp: Experiment) -> str:
@@ -134,6 +181,14 @@ def model_args(exp: Experiment, checkpoint: str, base_url: str | None = None) ->
     )
 
 
+def lm_eval_module(exp: Experiment) -> str:
+    """``lm_eval``, or its entry point with ``vision_compat`` for a vision-language model in
+    an environment without torchvision (transformers cannot load a Qwen-VL processor there)."""
+    if exp.model.modality == "vision-language" and not exp.serve_choice.platform.get("torchvision"):
+        return "autoround_exp.lm_eval_cli"
+    return "lm_eval"
+
+
 def lm_eval_argv(
     exp: Experiment, checkpoint: str, output_dir: Path, task_dir: Path | None, base_url: str | None = None
 ) -> list[str]:
@@ -147,7 +202,7 @@ def lm_eval_argv(
     argv = [
         exp.serve.python,
         "-m",
-        "lm_eval",
+        lm_eval_module(exp),
         "run",
         "--model",
         lm_eval_model(exp),
@@ -222,6 +277,9 @@ def kernels_in(log_path: Path) -> list[str]:
 def evaluate(exp: Experiment, checkpoint: str, out_dir: Path, log_dir: Path) -> EvalResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     platform = probe(exp.serve.python)
+    bos = bos_check(exp, checkpoint)
+    if bos["warning"]:
+        print(f"WARNING: {bos['warning']}", flush=True)
     task_dir = None
     if exp.eval_data is not None:
         task_dir = out_dir / "tasks"
@@ -259,6 +317,7 @@ def evaluate(exp: Experiment, checkpoint: str, out_dir: Path, log_dir: Path) -> 
         device=device_of(exp),
         platform=platform,
         kernels=kernels_in(kernel_log) if exp.serve.backend != "hf" else [],
+        bos=bos,
         seconds=round(time.perf_counter() - t0, 3),
         command=argv,
         server_command=server_cmd,

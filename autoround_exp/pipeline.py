@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from autoround_exp import child, lmeval_results, store
+from autoround_exp import lmeval_results, store
 from autoround_exp.config import Experiment, MethodConfig
 from autoround_exp.evaluate import evaluate
 from autoround_exp.quantize import QuantResult, quantize
@@ -20,10 +20,10 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 class Outcome:
     name: str
     key: str
-    status: str  # done | reused
+    status: str  # done | reused | failed
     metrics: dict
     mlflow_run_id: str | None
-    record_path: str
+    record_path: str  # the error, for a failed one
 
 
 def method_config(name: str) -> MethodConfig:
@@ -48,6 +48,13 @@ def run_name(exp: Experiment) -> str:
 
 def run_one(exp: Experiment, sweep_id: str) -> Outcome:
     qkey, key = store.keys(exp)
+    # one job at a time per run key: a parallel job that needs the same run (a shared
+    # baseline) waits, then finds it stored
+    with store.locked(Path(exp.paths.work).resolve() / "locks" / f"run-{key}.lock"):
+        return _run_one(exp, sweep_id, qkey, key)
+
+
+def _run_one(exp: Experiment, sweep_id: str, qkey: str, key: str) -> Outcome:
     results = store.Store(exp.paths.results)
     name = run_name(exp)
     found = results.find(key)
@@ -63,12 +70,13 @@ def run_one(exp: Experiment, sweep_id: str) -> Outcome:
             ckpt = work / "checkpoints" / qkey / exp.checkpoint_name
             if exp.force and (ckpt / "quantization.json").exists():
                 (ckpt / "quantization.json").unlink()
-            quant = quantize(exp, ckpt, logs / "quantize.log")
+            with store.locked(work / "locks" / f"quant-{qkey}.lock"):  # one checkpoint per quant key
+                quant = quantize(exp, ckpt, logs / "quantize.log")
             checkpoint = quant.checkpoint
         else:
             checkpoint = exp.model.path
         ev = evaluate(exp, checkpoint, work / "evals" / key, logs)
-    except (child.ChildFailed, RuntimeError, OSError) as err:
+    except Exception as err:
         record_failure(exp, name, key, qkey, sweep_id, err, logs)
         raise
 
@@ -100,6 +108,7 @@ def run_one(exp: Experiment, sweep_id: str) -> Outcome:
             "device": ev.device,
             "platform": ev.platform,
             "kernels": ev.kernels,
+            "bos": ev.bos,
             "server_command": ev.server_command,
             "seconds": ev.seconds,
             "task_versions": results_json.get("versions", {}),
@@ -160,9 +169,18 @@ def describe_backend(exp: Experiment) -> str:
 
 
 def run_experiment(exp: Experiment, sweep_id: str) -> list[Outcome]:
+    """The job and its baselines. One that fails is recorded (results/failed/, MLflow FAILED)
+    and the others still run; its outcome has status ``failed``."""
     outcomes = []
     for job in [*baselines_of(exp), exp]:
-        outcome = run_one(job, sweep_id)
+        try:
+            outcome = run_one(job, sweep_id)
+        except Exception as err:  # recorded by run_one; the sweep goes on
+            qkey, key = store.keys(job)
+            first_line = (str(err).splitlines() or [""])[0]
+            outcomes.append(Outcome(run_name(job), key, "failed", {}, None, f"{type(err).__name__}: {first_line}"))
+            print(f"[failed] {run_name(job)} key={key}: {type(err).__name__}: {str(err)[-500:]}", flush=True)
+            continue
         strict = {k: v for k, v in outcome.metrics.items() if "strict-match" in k or "relaxed" in k}
         print(
             f"[{outcome.status}] {outcome.name} key={outcome.key} {strict} {describe_backend(job)} "

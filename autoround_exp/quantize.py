@@ -116,7 +116,7 @@ def run_request(req: dict) -> dict:
     import transformers
     from llmcompressor import oneshot
 
-    from autoround_exp import calibration
+    from autoround_exp import calibration, vision_compat
     from autoround_exp.config import CalibrationConfig
 
     t0 = time.perf_counter()
@@ -124,23 +124,25 @@ def run_request(req: dict) -> dict:
     m = req["model"]
     vlm = m["loader"] == "image_text_to_text"
     auto_model = transformers.AutoModelForImageTextToText if vlm else transformers.AutoModelForCausalLM
-    auto_processor = transformers.AutoProcessor if vlm else transformers.AutoTokenizer
+    load_processor = vision_compat.load_processor if vlm else transformers.AutoTokenizer.from_pretrained
     model = auto_model.from_pretrained(
         m["path"], revision=m["revision"], dtype=getattr(torch, m["dtype"]), trust_remote_code=m["trust_remote_code"]
     )
-    processor = auto_processor.from_pretrained(
-        m["path"], revision=m["revision"], trust_remote_code=m["trust_remote_code"]
-    )
-    # Calibration is text for both, as upstream's Qwen3-VL example calibrates.
+    processor = load_processor(m["path"], revision=m["revision"], trust_remote_code=m["trust_remote_code"])
+    # Text calibration for both, as upstream's Qwen3-VL example; image+text from a parquet.
     tokenizer = processor.tokenizer if vlm else processor
     modifier = build_modifier(req)
 
     kwargs, calib_info = {}, None
     if req["calibration"] is not None:
         cfg = CalibrationConfig(**req["calibration"])
-        ds, info = calibration.build(tokenizer, cfg)
+        if calibration.is_image_text(cfg.source):
+            ds, info = calibration.build_image_text(processor, cfg)
+            kwargs = {"data_collator": calibration.collate_one}
+        else:
+            ds, info = calibration.build(tokenizer, cfg)
         calib_info = info.to_dict()
-        kwargs = {"dataset": ds, **oneshot_calibration_args(req)}
+        kwargs = {**kwargs, "dataset": ds, **oneshot_calibration_args(req)}
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()

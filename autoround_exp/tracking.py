@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 from autoround_exp.config import Experiment, TrackingConfig
+from autoround_exp.store import locked
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -30,14 +31,32 @@ def git_commit() -> str | None:
         return None
 
 
+def connect(mlflow, cfg: TrackingConfig) -> str:
+    """Point MLflow at the store; the experiment's id. The first access to a new SQLite
+    store creates its tables: parallel jobs (launcher=submitit_*) take turns on a lock next to
+    the file, or two of them migrate the same empty database and one fails."""
+    mlflow.set_tracking_uri(cfg.uri)
+    if not cfg.uri.startswith("sqlite:///"):
+        return _experiment_id(mlflow, cfg)
+    db = Path(cfg.uri.removeprefix("sqlite:///"))
+    with locked(db.with_name(f".{db.name}.lock")):
+        return _experiment_id(mlflow, cfg)
+
+
 def _experiment_id(mlflow, cfg: TrackingConfig) -> str:
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return exp.experiment_id
-    location = cfg.artifact_root
-    if "://" not in location:
+    location = cfg.artifact_root  # None: the tracking server's own artifact store
+    if location and "://" not in location:
         location = Path(location).resolve().as_uri()
-    return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    try:
+        return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    except Exception:  # a parallel job created it first
+        exp = mlflow.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def _identity_tags(record: dict) -> dict[str, str]:
@@ -56,8 +75,7 @@ def log_run(
     import mlflow
     import pandas as pd
 
-    mlflow.set_tracking_uri(exp.tracking.uri)
-    exp_id = _experiment_id(mlflow, exp.tracking)
+    exp_id = connect(mlflow, exp.tracking)
     tags = {
         **_identity_tags(record),
         "model": exp.model.name,
@@ -77,6 +95,11 @@ def log_run(
     }
     if record["eval"]["note"]:
         tags["eval_note"] = record["eval"]["note"]
+    bos = record["eval"].get("bos") or {}
+    tags["add_bos_token"] = str(bos.get("add_bos_token"))
+    tags["double_bos"] = str(bos.get("double_bos"))
+    if bos.get("warning"):
+        tags["eval_bos_warning"] = bos["warning"]
     with mlflow.start_run(experiment_id=exp_id, run_name=record["name"], tags=tags) as run:
         mlflow.log_params(flatten(exp.resolved))
         mlflow.log_params({f"calibration_used.{k}": str(v) for k, v in (record.get("calibration") or {}).items()})
@@ -109,8 +132,7 @@ def log_failure(exp: Experiment, record: dict) -> str:
     """A FAILED MLflow run holding the error and the logs of the job."""
     import mlflow
 
-    mlflow.set_tracking_uri(exp.tracking.uri)
-    exp_id = _experiment_id(mlflow, exp.tracking)
+    exp_id = connect(mlflow, exp.tracking)
     tags = {**_identity_tags(record), "eval_backend": record["eval"]["backend"]}
     run = mlflow.start_run(experiment_id=exp_id, run_name=record["name"], tags=tags)
     try:

@@ -78,6 +78,10 @@ def test_lm_evals_stock_chartqa_reads_them_offline_and_scores_the_labels_right(d
     docs = list(task.test_docs())
     assert len(docs) == 24
     doc = docs[0]
+    from PIL import Image
+
+    # decoded, as lm-eval's multimodal models need it (the file carries datasets' Image feature)
+    assert isinstance(task.doc_to_image(doc)[0], Image.Image)
     assert task.doc_to_target(doc) == doc["label"][0]
     assert doc["query"] in task.doc_to_text(doc)
     # a perfect answer in the format the prompt asks for gets every metric

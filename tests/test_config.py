@@ -98,11 +98,14 @@ BAD = [
     (["eval=chartqa"], "eval=chartqa needs a vision-language model; model=tiny_llama is text-only"),
     (["model=qwen3_vl_8b_instruct", "model.ignore=[lm_head]"], "would quantize the vision tower"),
     (["model=qwen3_vl_8b_instruct", "model.vision_linear=null"], "set model.vision_linear"),
+    (["model=tiny_qwen3_vl", "model.ignore=[re:.*lm_head]"], "would quantize the vision tower"),
+    (["calibration.source=/data/charts.parquet"], "is image+text (a ChartQA-format parquet); model=tiny_llama is"),
     (["seed=-1"], "seed=-1 is invalid; set an integer >= 0"),
     (["report.recovery_threshold=1.5"], "report.recovery_threshold=1.5 is invalid; set a recovery fraction in (0, 1]"),
     (["report.recovery_threshold=0"], "report.recovery_threshold=0.0 is invalid"),
     (["+report.recovery_thresholds.strict=0.9"], "name a metric as <metric>/<filter>"),
     (["report.alpha=1"], "report.alpha=1.0 is invalid"),
+    (["tracking.uri=mlflow.db"], "tracking.uri=mlflow.db is not a tracking URI MLflow takes; use sqlite:///mlflow.db"),
 ]
 
 
@@ -146,3 +149,28 @@ def test_ignore_patterns_as_llm_compressor_reads_them(module, ignore, ignored):
     from autoround_exp.config import ignores
 
     assert ignores(module, ignore) is ignored
+
+
+def test_credentials_in_the_tracking_uri_are_never_logged_or_stored():
+    exp = validate(compose_cfg(["tracking=server", "tracking.uri=https://alice:s3cret@mlflow.example.org"]))
+    assert exp.tracking.uri == "https://alice:s3cret@mlflow.example.org"  # used to connect
+    assert exp.resolved["tracking"]["uri"] == "https://***@mlflow.example.org"  # logged as params, stored
+    assert "s3cret" not in str(exp.resolved)
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg(["tracking.uri=ftp://bob:pw@host/x"]))
+    assert "pw" not in str(err.value)
+
+
+def test_slurm_launcher_preset_composes_to_a_gpu_job_array():
+    cfg = compose_cfg(["launcher=submitit_slurm", "hydra.launcher.partition=gpu"], hydra=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1
+    assert launcher.timeout_min == 720 and launcher.array_parallelism == 8
+    assert validate(compose_cfg(["launcher=submitit_slurm"])).model.name == "tiny_llama"
+
+
+def test_submitit_local_preset_runs_jobs_as_processes():
+    cfg = compose_cfg(["launcher=submitit_local"], hydra=True)
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
+    assert cfg.hydra.launcher.gpus_per_node == 0

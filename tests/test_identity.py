@@ -75,3 +75,38 @@ def test_run_names_tell_the_configs_apart():
         "tiny_llama-nvfp4-rtn",
         "tiny_llama-base",
     }
+
+
+def test_a_copy_of_the_model_and_data_elsewhere_has_the_same_keys_and_a_changed_byte_does_not(tmp_path):
+    """Local models and calibration files are identified by content, not path: two clones
+    of this repository share their runs' keys."""
+    import shutil
+
+    from autoround_exp.assets import asset
+
+    copies = []
+    for where in ("a", "b/deeper"):
+        model = shutil.copytree(asset("tiny_llama"), tmp_path / where / "model")
+        calib = shutil.copy(asset("data/arith_gsm8k/calib.jsonl"), tmp_path / where / "calib.jsonl")
+        copies.append([f"model.path={model}", f"calibration.source={calib}"])
+    assert keys(*copies[0]) == keys(*copies[1]) == keys()
+    assert keys(*copies[0], "method=none") == keys("method=none")
+    weights = tmp_path / "b/deeper/model/model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert keys(*copies[1])[0] != keys()[0] and keys(*copies[1], "method=none") != keys("method=none")
+    (tmp_path / "a/calib.jsonl").write_text('{"text": "other"}\n')
+    assert keys(*copies[0])[0] != keys()[0]
+
+
+def test_large_local_files_are_identified_by_size_and_edges(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "HASH_WHOLE", 1000)
+    monkeypatch.setattr(store, "HASH_EDGE", 100)
+    f = tmp_path / "w.bin"
+    f.write_bytes(bytes(5000))
+    before = store.content_digest(f)
+    f.write_bytes(bytes(4999) + b"\x01")  # last byte: in the tail edge
+    assert store.content_digest(f) != before
+    f.write_bytes(bytes(5001))  # size
+    assert store.content_digest(f) != before

@@ -43,6 +43,7 @@ def calls(tmp_path, monkeypatch):
             "cpu",
             {"device_name": "cpu"},
             [],
+            {"add_bos_token": True, "double_bos": False, "warning": None},
             1.0,
             ["lm_eval"],
             None,
@@ -106,8 +107,8 @@ def test_failed_evaluation_is_recorded_with_its_log_and_never_reused(tmp_path, m
 
     working = pipeline.evaluate  # the fixture's stand-in
     monkeypatch.setattr(pipeline, "evaluate", hanging)
-    with pytest.raises(ChildFailed, match="timed out"):
-        pipeline.run_experiment(experiment(tmp_path, "method=none"), "s1")
+    (out,) = pipeline.run_experiment(experiment(tmp_path, "method=none"), "s1")  # does not raise: the sweep goes on
+    assert out.status == "failed" and out.record_path.startswith("ChildFailed: lm-eval (hf) timed out; log: ")
     (failed,) = (tmp_path / "results" / "failed").glob("*.json")
     rec = json.loads(failed.read_text())
     assert rec["status"] == "failed" and "timed out" in rec["error"]
@@ -117,3 +118,23 @@ def test_failed_evaluation_is_recorded_with_its_log_and_never_reused(tmp_path, m
     monkeypatch.setattr(pipeline, "evaluate", working)
     (out,) = pipeline.run_experiment(experiment(tmp_path, "method=none"), "s2")
     assert out.status == "done"  # the failure was not taken for a result
+
+
+def test_a_failed_baseline_does_not_stop_the_job(tmp_path, monkeypatch, calls):
+    """The base run's evaluation fails: it is recorded as failed, and RTN and the job still run."""
+    from autoround_exp.child import ChildFailed
+
+    working = pipeline.evaluate
+
+    def fail_base(exp, checkpoint, out_dir, log_dir):
+        if exp.method.name == "none":
+            raise ChildFailed("lm-eval (hf)", 1, log_dir / "lm_eval.log")
+        return working(exp, checkpoint, out_dir, log_dir)
+
+    monkeypatch.setattr(pipeline, "evaluate", fail_base)
+    outs = pipeline.run_experiment(experiment(tmp_path, "iters=0"), "s1")
+    assert [(o.name.rsplit("-", 1)[-1], o.status) for o in outs] == [
+        ("base", "failed"),
+        ("rtn", "done"),
+        ("iters0", "done"),
+    ]

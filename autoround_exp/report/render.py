@@ -59,8 +59,9 @@ def render(
         table, below = tables.comparison_table(section, thresholds, alpha)
         report.below_threshold += below
         parts.append(table)
-        notes = sorted({r.first.record["eval"]["note"] for r in section.rows if r.first.record["eval"].get("note")})
-        parts += [f"⚠ {n}" for n in notes]
+        notes = {r.first.record["eval"]["note"] for r in section.rows if r.first.record["eval"].get("note")}
+        notes |= {w for r in section.rows if (w := (r.first.record["eval"].get("bos") or {}).get("warning"))}
+        parts += [f"⚠ {n}" for n in sorted(notes)]
         if (paired := tables.paired_table(section, alpha)) is not None:
             parts += ["Paired comparisons:", paired]
         if (pub_table := tables.published_table(section, pub)) is not None:

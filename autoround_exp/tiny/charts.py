@@ -7,7 +7,11 @@ chartqa's ``anywhere_accuracy`` counts a one-digit answer found anywhere in the 
 right. The same seed gives the same questions and the same PNG bytes on every machine
 with the pinned matplotlib.
 
-    python -m autoround_exp.tiny.charts --out DIR [--n 200] [--seed 0]
+    python -m autoround_exp.tiny.charts --out DIR [--n 200] [--seed 0] [--split test]
+
+The embedded set (``assets/data/charts``), made for the tiny VLM (``--fixed-labels``):
+test.parquet ``--n 150 --seed 0 --fixed-labels``, and calib.parquet
+``--n 48 --seed 2000 --split calib --fixed-labels`` for image+text calibration.
 """
 
 from __future__ import annotations
@@ -50,14 +54,17 @@ class Chart:
         ]
 
 
-def make_chart(rng: random.Random) -> Chart:
+def make_chart(rng: random.Random, fixed_labels: bool = False) -> Chart:
+    """``fixed_labels``: bars always name the first fruits in one order and lines always
+    start in 2010, so the labels follow from positions; a model too small to read text off
+    an image (the embedded tiny VLM) can still answer the which-one questions."""
     if rng.random() < 0.5:
         n = rng.randint(3, 5)
-        labels = tuple(rng.sample(CATEGORIES, n))
+        labels = tuple(CATEGORIES[:n]) if fixed_labels else tuple(rng.sample(CATEGORIES, n))
         values = tuple(rng.sample(range(10, 100), n))  # distinct: one right answer to "most"
         return Chart("bar", "Fruit sold", labels, values)
     n = rng.randint(4, 6)
-    start = rng.randrange(len(YEARS) - n)
+    start = 0 if fixed_labels else rng.randrange(len(YEARS) - n)
     labels = tuple(str(y) for y in YEARS[start : start + n])
     values = tuple(rng.sample(range(10, 100), n))
     # a difference below 10 would be a one-digit answer
@@ -93,12 +100,12 @@ def render(chart: Chart, size_px: int = 224) -> bytes:
     return buf.getvalue()
 
 
-def build(n: int, seed: int) -> list[dict]:
+def build(n: int, seed: int, fixed_labels: bool = False) -> list[dict]:
     """``n`` ChartQA rows: ``{"image": {"bytes", "path"}, "query", "label": [answer], ...}``."""
     rng = random.Random(seed)
     rows = []
     while len(rows) < n:
-        chart = make_chart(rng)
+        chart = make_chart(rng, fixed_labels)
         png = render(chart)
         for query, answer in chart.questions(rng):
             if len(rows) < n:
@@ -114,13 +121,25 @@ def build(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def write(out: Path, n: int = 200, seed: int = 0, split: str = "test") -> Path:
-    """``out/<split>.parquet``, loadable by ``datasets`` (``dataset_path: parquet``)."""
-    import pandas as pd
+def write(out: Path, n: int = 200, seed: int = 0, split: str = "test", fixed_labels: bool = False) -> Path:
+    """``out/<split>.parquet``, loadable by ``datasets`` (``dataset_path: parquet``).
 
+    Written by ``datasets`` with an ``Image`` feature, as the hub's ChartQA is: the schema
+    stored in the file makes ``load_dataset`` hand lm-eval PIL images, not raw bytes."""
+    from datasets import Dataset, Features, Image, Sequence, Value
+
+    features = Features(
+        {
+            "image": Image(),
+            "query": Value("string"),
+            "label": Sequence(Value("string")),
+            "human_or_machine": Value("int64"),
+            "chart_kind": Value("string"),
+        }
+    )
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{split}.parquet"
-    pd.DataFrame(build(n, seed)).to_parquet(path, index=False)
+    Dataset.from_list(build(n, seed, fixed_labels), features=features).to_parquet(str(path))
     return path
 
 
@@ -129,8 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="test", help="file name: <split>.parquet")
+    p.add_argument("--fixed-labels", action="store_true", help="labels follow from positions (see make_chart)")
     args = p.parse_args(argv)
-    print(write(args.out, args.n, args.seed))
+    print(write(args.out, args.n, args.seed, args.split, args.fixed_labels))
 
 
 if __name__ == "__main__":

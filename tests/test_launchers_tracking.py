@@ -1,0 +1,99 @@
+"""Sweeps spread over processes and a remote tracking server, for real: two jobs through
+Hydra's submitit_local launcher (separate processes, at the same time) into one results
+store and one MLflow store; and runs logged over HTTP to a real ``mlflow server`` on
+127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from autoround_exp.server import free_port
+from tests.conftest import ROOT, paths_args
+from tests.test_sweep_integration import records
+
+pytestmark = pytest.mark.slow
+
+QUICK = ["method=rtn", "scheme=w4a16", "baselines=false", "serve=hf", "eval.limit=4", "report.readme=null"]
+
+
+def run(workdir: Path, args: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args], cwd=workdir, capture_output=True, text=True, timeout=1800
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_submitit_local_runs_two_jobs_in_parallel_processes_into_one_store(tmp_path):
+    # two different eval limits: two runs of one checkpoint, each job its own process
+    args = ["-m", "launcher=submitit_local", "eval.limit=4,5", *QUICK[:-2], "report.readme=null"]
+    proc = run(tmp_path, [*args, *paths_args(tmp_path)])
+    recs = list(map(json.loads, map(Path.read_text, (tmp_path / "results" / "runs").glob("*.json"))))
+    assert sorted(r["table"][0]["n_samples"] for r in recs) == [4, 5]
+    assert "[sweep] 2 done, 0 reused, 0 failed" in proc.stdout
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("autoround-exp")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if "autoround_exp.report" not in r.data.tags]
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    # each job ran in its own process, and they overlapped in time
+    (sweep_dir,) = (tmp_path / "work" / "hydra" / "multirun").iterdir()
+    jobs = [json.loads(p.read_text()) for p in (sweep_dir / "jobs").glob("*.json")]
+    assert len({j["pid"] for j in jobs}) == 2 and os.getpid() not in {j["pid"] for j in jobs}
+    (a, b) = sorted((j["started"], j["ended"]) for j in jobs)
+    assert b[0] < a[1], f"the two jobs did not overlap: {a}, {b}"
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    argv = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
+    argv += ["--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"]
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise RuntimeError((tmp_path / "server.log").read_text()[-3000:])
+        yield url, tmp_path / "server-artifacts"
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+
+
+def test_runs_are_logged_over_http_to_a_real_mlflow_server(tmp_path, mlflow_server):
+    url, artifacts = mlflow_server
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ["tracking=server", f"tracking.uri={url}", *QUICK]
+    args += [f"paths.results={work / 'results'}", f"paths.work={work / 'out'}"]
+    run(work, args)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=url)
+    (run_,) = client.search_runs([client.get_experiment_by_name("autoround-exp").experiment_id])
+    assert run_.info.status == "FINISHED"
+    assert "gsm8k_arith/exact_match/strict-match" in run_.data.metrics
+    assert run_.data.params["tracking.uri"] == url
+    # the artifacts went through the server into its artifact store
+    assert any(p.name == "record.json" for p in artifacts.rglob("*"))
+    assert not (work / "mlflow.db").exists() and not (work / "mlartifacts").exists()
+    (rec,) = records(work).values()
+    assert rec["mlflow_run_id"] == run_.info.run_id

@@ -1,0 +1,113 @@
+"""The real chain on the embedded tiny Qwen3-VL, on CPU: llm-compressor (AutoRound and RTN,
+upstream's Qwen3-VL recipe) -> lm-eval's stock chartqa through ``hf-multimodal`` with the
+chat template, in a child process -> MLflow -> report. Nothing mocked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from autoround_exp.assets import asset
+from tests.conftest import ROOT, paths_args
+from tests.test_sweep_integration import mlflow_runs, records
+
+pytestmark = pytest.mark.slow
+
+LIMIT = 12
+SWEEP = [
+    "-m",
+    "model=tiny_qwen3_vl",
+    "eval=chartqa",
+    "scheme=w4a16,nvfp4",
+    "iters=0,4",
+    f"eval.limit={LIMIT}",
+    "eval.max_gen_toks=32",
+    "calibration.nsamples=16",
+    "method.batch_size=4",
+]
+
+
+def run(workdir: Path, args: list[str]) -> subprocess.CompletedProcess:
+    argv = [sys.executable, str(ROOT / "run.py"), *args, *paths_args(workdir), "report.readme=null"]
+    proc = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("vlm")
+    return workdir, run(workdir, SWEEP)
+
+
+def test_every_job_of_the_sweep_finished_with_chartqa_scores_in_mlflow(sweep):
+    workdir, proc = sweep
+    recs = records(workdir)
+    assert set(recs) == {
+        "tiny_qwen3_vl-base",
+        *(f"tiny_qwen3_vl-{s}-rtn" for s in ("w4a16", "nvfp4")),
+        *(f"tiny_qwen3_vl-{s}-autoround-iters{i}" for s in ("w4a16", "nvfp4") for i in (0, 4)),
+    }
+    _, runs = mlflow_runs(workdir)
+    assert len(runs) == 7 and {r.info.status for r in runs} == {"FINISHED"}
+    for r in runs:
+        for metric in ("relaxed_accuracy", "anywhere_accuracy", "exact_match"):
+            assert f"chartqa_charts/{metric}/none" in r.data.metrics
+        assert r.data.tags["add_bos_token"] == "False" and r.data.tags["double_bos"] == "False"
+    for rec in recs.values():
+        ev = rec["eval"]
+        assert ev["lm_eval_model"] == "hf-multimodal" and "--apply_chat_template" in ev["command"]
+        assert rec["table"][0]["n_samples"] == LIMIT
+
+
+def test_checkpoints_keep_the_vision_tower_and_lm_head_unquantized(sweep):
+    workdir, _ = sweep
+    for rec in records(workdir).values():
+        if rec["method"] == "none":
+            continue
+        ckpt = Path(rec["checkpoint"])
+        q = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+        with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+        vision_linears = {k[: -len(".weight")] for k in keys if k.startswith("model.visual.") and k.endswith(".weight")}
+        vision_linears = {k for k in vision_linears if "norm" not in k and "embed" not in k}
+        assert vision_linears and vision_linears <= set(q["ignore"])  # every vision Linear listed
+        assert all("visual" in name or "lm_head" in name for name in q["ignore"])
+        # the vision tower's weights stay 16-bit; the language model's Linear layers are packed
+        assert "model.visual.blocks.0.attn.qkv.weight" in keys
+        assert "model.language_model.layers.0.self_attn.q_proj.weight_packed" in keys
+        if rec["method"] == "autoround":  # text calibration, as upstream's Qwen3-VL example
+            assert rec["calibration"]["mode"] == "pack" and rec["calibration"]["images"] == 0
+
+
+def test_the_report_has_the_chartqa_section_with_the_bos_choice(sweep):
+    workdir, _ = sweep
+    report = (workdir / "results" / "report.md").read_text()
+    title = "### TinyQwen3-VL-Charts — chartqa_charts, 0-shot, first 12 documents (add_bos_token=False, chat template)"
+    assert title in report
+    assert "relaxed_accuracy" in report and "AutoRound iters=4" in report
+
+
+def test_image_text_calibration_tunes_on_charts(tmp_path):
+    """calibration.source=<ChartQA-format parquet>: each sample a chart and its question,
+    seqlen tokens with the image whole; the images are counted and hashed with the tokens."""
+    calib = asset("data/charts/calib.parquet")
+    args = ["model=tiny_qwen3_vl", "eval=chartqa", "scheme=w4a16", "iters=2", "baselines=false"]
+    args += [f"calibration.source={calib}", "calibration.nsamples=8", "calibration.seqlen=64"]
+    run(tmp_path, [*args, "eval.limit=2", "eval.max_gen_toks=16"])
+    (rec,) = records(tmp_path).values()
+    cal = rec["calibration"]
+    assert cal["mode"] == "image_text" and cal["images"] == 8 and cal["seqlen"] == 64
+    assert cal["source"] == calib and len(cal["token_sha256"]) == 64
+
+
+def test_gsm8k_on_the_vision_language_model_goes_through_hf_multimodal(tmp_path):
+    run(tmp_path, ["model=tiny_qwen3_vl", "method=none", "eval=gsm8k", "eval.limit=8"])
+    (rec,) = records(tmp_path).values()
+    assert rec["eval"]["lm_eval_model"] == "hf-multimodal" and rec["eval"]["task"] == "gsm8k_arith"
+    assert "gsm8k_arith/exact_match/strict-match" in rec["metrics"]
