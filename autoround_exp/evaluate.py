@@ -107,9 +107,8 @@ def bos_check(exp: Experiment, checkpoint: str) -> dict:
     writes_bos = bool(bos) and ("bos_token" in template or bos in template)
     double = bool(ev.apply_chat_template and ev.add_bos_token and writes_bos)
     warning = (
-        f"double BOS: eval.add_bos_token=true and the chat template already starts with {bos}; "
-        f"every prompt begins {bos}{bos} (lm-eval #2676). Set eval.add_bos_token=false to score it as the "
-        "model was trained."
+        f"double BOS: eval.add_bos_token=true and the chat template writes {bos} itself, so every prompt "
+        f"begins {bos}{bos} (lm-eval #2676). Set eval.add_bos_token=false to score it as the model was trained."
         if double
         else None
     )
