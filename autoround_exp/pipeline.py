@@ -179,7 +179,11 @@ def run_experiment(exp: Experiment, sweep_id: str) -> list[Outcome]:
             qkey, key = store.keys(job)
             first_line = (str(err).splitlines() or [""])[0]
             outcomes.append(Outcome(run_name(job), key, "failed", {}, None, f"{type(err).__name__}: {first_line}"))
-            print(f"[failed] {run_name(job)} key={key}: {type(err).__name__}: {str(err)[-500:]}", flush=True)
+            # The headline (what failed, why) first: the log tail after it can be long.
+            rest = "\n".join(str(err).splitlines()[1:])[-500:]
+            print(f"[failed] {run_name(job)} key={key}: {type(err).__name__}: {first_line}", flush=True)
+            if rest:
+                print(rest, flush=True)
             continue
         strict = {k: v for k, v in outcome.metrics.items() if "strict-match" in k or "relaxed" in k}
         print(

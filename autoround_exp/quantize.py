@@ -62,6 +62,7 @@ def request(exp: Experiment, out_dir: Path) -> dict:
 def quantize(exp: Experiment, out_dir: Path, log_path: Path, timeout_s: float = 24 * 3600) -> QuantResult:
     """Quantize in a child process; the checkpoint appears at ``out_dir`` only when complete."""
     if (out_dir / RESULT_FILE).is_file():
+        print(f"[reuse] checkpoint {out_dir}", flush=True)
         return QuantResult.load(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     req_path = out_dir.parent / f"{out_dir.name}.request.json"

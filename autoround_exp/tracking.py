@@ -59,6 +59,31 @@ def _experiment_id(mlflow, cfg: TrackingConfig) -> str:
         return exp.experiment_id
 
 
+def settle_earlier_runs(mlflow, exp_id: str, key: str, force: bool) -> str | None:
+    """Before logging run ``key``: close what an earlier, killed process left of it.
+
+    The caller holds the run key's lock, so a RUNNING run with this key is no live job's: its
+    process died (kill -9, pre-emption) mid-logging, and it is ended as KILLED. A FINISHED
+    one was logged completely by a process that died before storing the record: its id is
+    returned so that no second run is logged for one key (with ``force`` it is tagged
+    superseded and a new one is logged)."""
+    client = mlflow.MlflowClient()
+    runs = client.search_runs(
+        [exp_id], filter_string=f"tags.run_key = '{key}'", order_by=["attributes.start_time DESC"]
+    )
+    finished = None
+    for run in runs:
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "killed_reason", "its job died before ending it; ended by a re-run")
+            client.set_terminated(run.info.run_id, status="KILLED")
+        elif run.info.status == "FINISHED":
+            if force:
+                client.set_tag(run.info.run_id, "superseded", "force=true re-ran this key")
+            elif finished is None:
+                finished = run.info.run_id
+    return finished
+
+
 def _identity_tags(record: dict) -> dict[str, str]:
     return {
         "run_key": record["key"],
@@ -76,6 +101,9 @@ def log_run(
     import pandas as pd
 
     exp_id = connect(mlflow, exp.tracking)
+    earlier = settle_earlier_runs(mlflow, exp_id, record["key"], exp.force)
+    if earlier is not None:
+        return earlier
     tags = {
         **_identity_tags(record),
         "model": exp.model.name,
@@ -133,6 +161,7 @@ def log_failure(exp: Experiment, record: dict) -> str:
     import mlflow
 
     exp_id = connect(mlflow, exp.tracking)
+    settle_earlier_runs(mlflow, exp_id, record["key"], exp.force)
     tags = {**_identity_tags(record), "eval_backend": record["eval"]["backend"]}
     run = mlflow.start_run(experiment_id=exp_id, run_name=record["name"], tags=tags)
     try:

@@ -97,18 +97,20 @@ def test_record_holds_metrics_with_stderr_and_versions(tmp_path, calls):
     assert rec["versions"]["llmcompressor"] and rec["sweep_id"] == "s1"
 
 
-def test_failed_evaluation_is_recorded_with_its_log_and_never_reused(tmp_path, monkeypatch, calls):
+def test_failed_evaluation_is_recorded_with_its_log_and_never_reused(tmp_path, monkeypatch, calls, capsys):
     from autoround_exp.child import ChildFailed
 
     def hanging(exp, checkpoint, out_dir, log_dir):
         log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "lm_eval.log").write_text("loading...\n")
+        (log_dir / "lm_eval.log").write_text("loading...\n" + "INFO engine warming up, a long line\n" * 40)
         raise ChildFailed("lm-eval (hf)", None, log_dir / "lm_eval.log")
 
     working = pipeline.evaluate  # the fixture's stand-in
     monkeypatch.setattr(pipeline, "evaluate", hanging)
     (out,) = pipeline.run_experiment(experiment(tmp_path, "method=none"), "s1")  # does not raise: the sweep goes on
     assert out.status == "failed" and out.record_path.startswith("ChildFailed: lm-eval (hf) timed out; log: ")
+    # the console names what failed and why, however long the log tail behind it
+    assert "key=" in capsys.readouterr().out.split("ChildFailed: lm-eval (hf) timed out; log: ")[0].splitlines()[-1]
     (failed,) = (tmp_path / "results" / "failed").glob("*.json")
     rec = json.loads(failed.read_text())
     assert rec["status"] == "failed" and "timed out" in rec["error"]
@@ -138,3 +140,34 @@ def test_a_failed_baseline_does_not_stop_the_job(tmp_path, monkeypatch, calls):
         ("rtn", "done"),
         ("iters0", "done"),
     ]
+
+
+def test_a_rerun_after_a_kill_closes_the_dead_mlflow_run_and_never_logs_a_key_twice(tmp_path, calls):
+    """Real MLflow (SQLite), stand-in stages. A job killed while logging left a RUNNING run;
+    one killed after logging but before its record was stored left a FINISHED run."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["method=none", "tracking.enabled=true", f"tracking.uri={uri}", f"tracking.artifact_root={tmp_path / 'art'}"]
+    exp = experiment(tmp_path, *args)
+    _, key = pipeline.store.keys(exp)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment(exp.tracking.experiment, artifact_location=(tmp_path / "art").as_uri())
+    dead = client.create_run(exp_id, tags={"run_key": key}).info.run_id  # RUNNING, its process gone
+
+    (out,) = pipeline.run_experiment(exp, "s1")
+    assert out.status == "done" and out.mlflow_run_id != dead
+    assert client.get_run(dead).info.status == "KILLED"
+    assert client.get_run(out.mlflow_run_id).info.status == "FINISHED"
+
+    # killed between logging and storing the record: the re-run takes the logged run
+    next((tmp_path / "results" / "runs").glob("*.json")).unlink()
+    (again,) = pipeline.run_experiment(experiment(tmp_path, *args), "s2")
+    assert again.status == "done" and again.mlflow_run_id == out.mlflow_run_id
+    runs = client.search_runs([exp_id], filter_string=f"tags.run_key = '{key}'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+
+    # force=true logs a new run and marks the old one superseded
+    (forced,) = pipeline.run_experiment(experiment(tmp_path, *args, "force=true"), "s3")
+    assert forced.mlflow_run_id != out.mlflow_run_id
+    assert client.get_run(out.mlflow_run_id).data.tags["superseded"]
