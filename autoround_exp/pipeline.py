@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from autoround_exp import lmeval_results, store
-from autoround_exp.config import Experiment, MethodConfig
+from autoround_exp.config import AUTOROUND_METHODS, Experiment, MethodConfig
 from autoround_exp.evaluate import evaluate
 from autoround_exp.quantize import QuantResult, quantize
 
@@ -41,7 +41,7 @@ def baselines_of(exp: Experiment) -> list[Experiment]:
 
 def run_name(exp: Experiment) -> str:
     name = f"{exp.model.name}-{exp.scheme.name}-{exp.method.name}" if exp.quantized else f"{exp.model.name}-base"
-    if exp.method.name == "autoround":
+    if exp.method.name in AUTOROUND_METHODS:
         name += f"-iters{exp.method.iters}"
     return name
 
@@ -92,7 +92,7 @@ def _run_one(exp: Experiment, sweep_id: str, qkey: str, key: str) -> Outcome:
         "model": {"name": exp.model.name, "path": exp.model.path, "display_name": exp.model.display_name},
         "scheme": exp.scheme.name if exp.quantized else None,
         "method": exp.method.name,
-        "iters": exp.method.iters if exp.method.name == "autoround" else None,
+        "iters": exp.method.iters if exp.method.name in AUTOROUND_METHODS else None,
         "seed": exp.seed,
         "checkpoint": checkpoint,
         "checkpoint_name": exp.checkpoint_name,

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from autoround_exp import child
-from autoround_exp.config import Experiment
+from autoround_exp.config import AUTOROUND_METHODS, Experiment
 
 RESULT_FILE = "quantization.json"
 
@@ -41,7 +41,7 @@ class QuantResult:
 def request(exp: Experiment, out_dir: Path) -> dict:
     """Everything the child needs, as plain JSON."""
     m, s, q = exp.model, exp.scheme, exp.method
-    use_calibration = q.name == "autoround" or s.calibrate_rtn
+    use_calibration = q.name in AUTOROUND_METHODS or s.calibrate_rtn
     return {
         "model": {
             "path": m.path,
@@ -95,6 +95,48 @@ def build_modifier(req: dict):
     return AutoRoundModifier(targets="Linear", scheme=preset, ignore=ignore, **kwargs)
 
 
+def quantize_native(req: dict, model, tokenizer, dataset, out: Path) -> str:
+    """method=autoround_native: auto-round's own API, saved in llm-compressor's format (a
+    compressed-tensors checkpoint). The same token sequences as the modifier path, one per
+    batch row; llm-compressor's ignore patterns resolved to the module names auto-round
+    takes. Returns a description of the call, kept as the checkpoint's recipe."""
+    import torch
+    from auto_round import AutoRound
+
+    from autoround_exp.config import ignores
+
+    method, cal = req["method"], req["calibration"]
+    ignored = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ignores(n, req["ignore"])]
+    compile_ = method["enable_torch_compile"]
+    kwargs = {
+        "scheme": req["scheme"]["preset"],
+        "iters": method["iters"],
+        "nsamples": cal["nsamples"],
+        "seqlen": cal["seqlen"],
+        "batch_size": method["batch_size"],
+        "seed": req["seed"],
+        "enable_torch_compile": torch.cuda.is_available() if compile_ is None else compile_,
+        "disable_opt_rtn": method["disable_opt_rtn"],
+        "ignore_layers": ",".join(ignored),
+        "device_map": 0 if torch.cuda.is_available() else "cpu",
+    }
+    if method["lr"] is not None:
+        kwargs["lr"] = method["lr"]
+    samples = [torch.tensor([row["input_ids"]]) for row in dataset]
+    rounder = AutoRound(model, tokenizer, dataset=samples, **kwargs)
+    staging = out.with_name(out.name + ".native")
+    shutil.rmtree(staging, ignore_errors=True)
+    _, folders = rounder.quantize_and_save(output_dir=str(staging), format="llm_compressor")
+    (folder,) = folders if isinstance(folders, list) else [folders]
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.move(folder, out)
+    shutil.rmtree(staging, ignore_errors=True)
+    shown = {k: v for k, v in kwargs.items() if k != "ignore_layers"} | {"ignore_layers": ignored}
+    return f"auto_round.AutoRound(model, tokenizer, dataset=<{len(samples)} token tensors>, **{shown})" + (
+        '.quantize_and_save(format="llm_compressor")\n'
+    )
+
+
 def oneshot_calibration_args(req: dict) -> dict:
     """oneshot's calibration arguments, as upstream's AutoRound examples set them."""
     cal = req["calibration"]
@@ -132,7 +174,8 @@ def run_request(req: dict) -> dict:
     processor = load_processor(m["path"], revision=m["revision"], trust_remote_code=m["trust_remote_code"])
     # Text calibration for both, as upstream's Qwen3-VL example; image+text from a parquet.
     tokenizer = processor.tokenizer if vlm else processor
-    modifier = build_modifier(req)
+    native = req["method"]["name"] == "autoround_native"
+    modifier = None if native else build_modifier(req)
 
     kwargs, calib_info = {}, None
     if req["calibration"] is not None:
@@ -147,18 +190,23 @@ def run_request(req: dict) -> dict:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    t1 = time.perf_counter()
-    oneshot(model=model, processor=processor, recipe=modifier, **kwargs)
-    oneshot_seconds = time.perf_counter() - t1
-
     out = Path(req["out_dir"])
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, save_compressed=True)
+    t1 = time.perf_counter()
+    if native:
+        # auto-round tunes and saves in one call: the save is inside the timing here
+        recipe = quantize_native(req, model, tokenizer, kwargs["dataset"], tmp)
+        oneshot_seconds = time.perf_counter() - t1
+    else:
+        oneshot(model=model, processor=processor, recipe=modifier, **kwargs)
+        oneshot_seconds = time.perf_counter() - t1
+        model.save_pretrained(tmp, save_compressed=True)
+        recipe = str(modifier)
     processor.save_pretrained(tmp)
     recipe_path = tmp / "recipe.yaml"
     if not recipe_path.exists():
-        recipe_path.write_text(str(modifier))
+        recipe_path.write_text(recipe)
 
     if cuda:
         peak, kind = torch.cuda.max_memory_allocated() / 2**30, "cuda_max_allocated"

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-from autoround_exp.config import Experiment, data_files
+from autoround_exp.config import AUTOROUND_METHODS, Experiment, data_files
 
 QUANT_LIBS = ("torch", "transformers", "llmcompressor", "auto-round", "compressed-tensors")
 # What of the serve environment's probe decides an evaluation's numbers.
@@ -79,9 +79,9 @@ def quant_identity(exp: Experiment) -> dict:
     if not exp.quantized:
         return ident
     ident |= {"scheme": exp.scheme.preset, "ignore": list(m.ignore), "versions": versions(QUANT_LIBS)}
-    if q.name == "autoround":
+    if q.name in AUTOROUND_METHODS:
         ident["autoround"] = {k: v for k, v in asdict(q).items() if k not in ("name", "label")}
-    if q.name == "autoround" or exp.scheme.calibrate_rtn:
+    if q.name in AUTOROUND_METHODS or exp.scheme.calibrate_rtn:
         ident["calibration"] = asdict(exp.calibration) | {"source": source_identity(exp.calibration.source)}
         if exp.seed is not None:
             ident["seed"] = exp.seed  # torch's seed; calibration.seed already carries it

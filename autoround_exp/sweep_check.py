@@ -28,9 +28,12 @@ class ValidateSweep(Callback):
 
         from autoround_exp.config import ConfigError, validate
 
-        for overrides in job_overrides(config):
-            try:
-                validate(compose(config_name=config_name, overrides=overrides))
-            except ConfigError as e:
-                print(f"autoround-exp: job [{' '.join(overrides)}]: {e}", file=sys.stderr)
-                sys.exit(2)
+        jobs = [(o, compose(config_name=config_name, overrides=o)) for o in job_overrides(config)]
+        # every job's config first (fast), then what the serve environment can run (probed once)
+        for serve_env in (False, True):
+            for overrides, cfg in jobs:
+                try:
+                    validate(cfg, serve_env=serve_env)
+                except ConfigError as e:
+                    print(f"autoround-exp: job [{' '.join(overrides)}]: {e}", file=sys.stderr)
+                    sys.exit(2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -17,7 +18,16 @@ CASES = [
     (["-m", "+sweep=demo", "eval.limit=0"], ["eval.limit=0"]),
     (["eval.limit=0"], ["eval.limit=0"]),
     (["model=llama4"], ["model/llama4", "tiny_llama", "llama3_1_8b_instruct"]),
+    (["method=gptq"], ["method/gptq", "autoround_native", "rtn"]),
+    (["eval=mmlu"], ["eval/mmlu", "chartqa", "gsm8k"]),
+    (["eval=chartqa"], ["eval=chartqa needs a vision-language model"]),
+    (["eval.data_path=/nonexistent"], ["eval data /nonexistent has no train.jsonl"]),
+    (["report.recovery_threshold=1.5"], ["report.recovery_threshold=1.5", "(0, 1]"]),
+    (["model.path=/nonexistent/model"], ["model.path=/nonexistent/model does not exist"]),
+    (["scheme=w4a16", "model.linear_in_features=[100]"], ["do not divide the in_features [100]"]),
 ]
+if not shutil.which("nvidia-smi"):  # the conflict exists only where no GPU is visible
+    CASES.append((["serve=hf", "serve.device=cuda"], ["serve.device=cuda", "sees no CUDA GPU"]))
 
 
 @pytest.mark.parametrize("args,needles", CASES, ids=[" ".join(a) for a, _ in CASES])

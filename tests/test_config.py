@@ -84,6 +84,8 @@ BAD = [
     (["iters=-1"], "iters=-1"),
     (["eval.limit=0"], "eval.limit=0"),
     (["scheme=w8a8"], "scheme=w8a8 cannot be tuned by AutoRoundModifier"),
+    (["scheme=w8a8", "method=autoround_native"], "scheme=w8a8 cannot be tuned"),
+    (["model=tiny_qwen3_vl", "method=autoround_native"], "method=autoround_native runs text models only"),
     (["scheme=w4a16", "model.linear_in_features=[4096,100]"], "do not divide the in_features [100]"),
     (["model.path=/nonexistent/model"], "model.path=/nonexistent/model does not exist"),
     (["calibration.source=/nonexistent/calib.jsonl"], "calibration.source=/nonexistent/calib.jsonl does not exist"),

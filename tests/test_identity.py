@@ -110,3 +110,14 @@ def test_large_local_files_are_identified_by_size_and_edges(tmp_path, monkeypatc
     assert store.content_digest(f) != before
     f.write_bytes(bytes(5001))  # size
     assert store.content_digest(f) != before
+
+
+def test_the_two_autoround_paths_are_distinct_runs_sharing_their_baselines():
+    modifier, native = keys("method=autoround", "iters=200"), keys("method=autoround_native", "iters=200")
+    assert modifier[0] != native[0] and modifier[1] != native[1]
+    assert keys("method=autoround_native", "iters=0")[0] != native[0]  # iters is part of the recipe
+    assert keys("method=autoround_native", "calibration.nsamples=16")[0] != native[0]
+    job = validate(compose_cfg(["method=autoround_native", "iters=200", "scheme=w4a16"]))
+    assert [pipeline.run_name(b) for b in pipeline.baselines_of(job)] == ["tiny_llama-base", "tiny_llama-w4a16-rtn"]
+    assert pipeline.run_name(job) == "tiny_llama-w4a16-autoround_native-iters200"
+    assert job.checkpoint_name == "TinyLlama-Arith-W4A16-G128-AutoRound-native"

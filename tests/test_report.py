@@ -124,6 +124,33 @@ def test_paired_table_lists_each_comparison_the_tables_show(loaded):
     assert table.count("\n") == 2 + 2 * len(kinds) - 1  # header, rule, one row per comparison x metric
 
 
+def test_auto_rounds_own_api_sits_beside_the_modifier_with_the_paired_test(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    for path in (results / "runs").glob("tiny_llama-w4a16-autoround-iters*__*.json"):
+        rec = json.loads(path.read_text())
+        key = rec["key"]
+        rec["method"], rec["key"] = "autoround_native", f"native{rec['iters']}"
+        rec["name"] = f"tiny_llama-w4a16-autoround_native-iters{rec['iters']}"
+        rec["checkpoint_name"] = "TinyLlama-Arith-W4A16-G128-AutoRound-native"
+        (results / "runs" / f"{rec['name']}__{rec['key']}.json").write_text(json.dumps(rec))
+        samples = results / "samples" / f"{key}.json"
+        if samples.exists():
+            shutil.copy(samples, results / "samples" / f"{rec['key']}.json")
+    (section,) = runs.sections(runs.from_store(results))
+    labels = [row.first.label for row in section.rows]
+    assert labels[-2:] == [
+        "TinyLlama-Arith-W4A16-G128-AutoRound-native (auto-round's AutoRound API, iters=0)",
+        "TinyLlama-Arith-W4A16-G128-AutoRound-native (auto-round's AutoRound API, iters=200)",
+    ]
+    kinds = {(kind, a.first.short_label, b.first.short_label) for kind, a, b in tables.comparisons(section)}
+    for iters in (0, 200):
+        modifier, native = f"W4A16 AutoRound iters={iters}", f"W4A16 auto-round native iters={iters}"
+        assert ("modifier vs auto-round API", modifier, native) in kinds
+    assert ("iters vs iters", "W4A16 auto-round native iters=0", "W4A16 auto-round native iters=200") in kinds
+    assert "modifier vs auto-round API" in tables.paired_table(section, ALPHA)
+
+
 def test_seeds_aggregate_to_mean_and_std(tmp_path, loaded):
     results = tmp_path / "results"
     shutil.copytree(FIXTURE, results)

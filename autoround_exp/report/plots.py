@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from autoround_exp.config import AUTOROUND_METHODS
 from autoround_exp.report import tables
 from autoround_exp.report.runs import Section
 
@@ -19,8 +20,8 @@ def accuracy_vs_iters(section: Section, path: Path, write: bool = True) -> Path 
     series: dict[tuple, list] = {}
     for row in section.rows:
         scheme, method, iters, backend = row.first.config
-        if method == "autoround":
-            series.setdefault((scheme, backend), []).append(row)
+        if method in AUTOROUND_METHODS:
+            series.setdefault((scheme, backend, method), []).append(row)
     if not series:
         return None
     if not write:
@@ -28,11 +29,13 @@ def accuracy_vs_iters(section: Section, path: Path, write: bool = True) -> Path 
     cols = tables.columns(section)
     fig, axes = plt.subplots(1, len(cols), figsize=(5 * len(cols), 3.8), squeeze=False)
     for ax, col in zip(axes[0], cols, strict=True):
-        for i, ((_scheme, backend), rows) in enumerate(sorted(series.items())):
+        drawn: set[int] = set()
+        for i, ((_scheme, backend, method), rows) in enumerate(sorted(series.items())):
             color = f"C{i}"
             points = [(r.first.config[2], tables.row_value(r, col)) for r in rows]
             points = [(x, v) for x, v in points if v is not None]
-            label = f"{rows[0].first.record['config']['scheme']['preset']} AutoRound ({backend})"
+            path_name = " (auto-round API)" if method == "autoround_native" else ""
+            label = f"{rows[0].first.record['config']['scheme']['preset']} AutoRound{path_name} ({backend})"
             ax.errorbar(
                 [x for x, _ in points],
                 [v[0] for _, v in points],
@@ -43,10 +46,11 @@ def accuracy_vs_iters(section: Section, path: Path, write: bool = True) -> Path 
                 label=label,
             )
             rtn = tables.rtn_of(section, rows[0])
-            if rtn is not None and (v := tables.row_value(rtn, col)):
+            if rtn is not None and id(rtn) not in drawn and (v := tables.row_value(rtn, col)):
+                drawn.add(id(rtn))  # one RTN line per scheme, however many AutoRound paths
                 ax.axhline(v[0], color=color, linestyle=":", label=f"{label.split(' AutoRound')[0]} RTN")
         # each backend's series against the unquantized run scored by that backend
-        bases = {backend: tables.baseline_of(section, rows[0]) for (_, backend), rows in sorted(series.items())}
+        bases = {backend: tables.baseline_of(section, rows[0]) for (_, backend, _), rows in sorted(series.items())}
         for style, base in zip(("--", "-.", ":"), bases.values(), strict=False):
             if base is not None and (v := tables.row_value(base, col)):
                 ax.axhline(v[0], color="black", linestyle=style, label=f"base (unquantized, {base.first.config[3]})")

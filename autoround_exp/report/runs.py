@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 from autoround_exp.store import Store
 
-METHOD_ORDER = {"none": 0, "rtn": 1, "autoround": 2}
+METHOD_ORDER = {"none": 0, "rtn": 1, "autoround": 2, "autoround_native": 3}
 BACKEND_ORDER = {"hf": 0, "vllm": 1, "vllm_server": 2}
 
 
@@ -62,6 +62,8 @@ class Run:
             return f"{r['checkpoint_name']} (QuantizationModifier)"
         if r["method"] == "autoround":
             return f"{r['checkpoint_name']} (AutoRoundModifier, iters={r['iters']})"
+        if r["method"] == "autoround_native":
+            return f"{r['checkpoint_name']} (auto-round's AutoRound API, iters={r['iters']})"
         return f"{r['checkpoint_name']} ({r['method']})"
 
     @property
@@ -74,6 +76,8 @@ class Run:
             return f"{scheme} RTN"
         if r["method"] == "autoround":
             return f"{scheme} AutoRound iters={r['iters']}"
+        if r["method"] == "autoround_native":
+            return f"{scheme} auto-round native iters={r['iters']}"
         return f"{scheme} {r['method']}"
 
     def sort_key(self) -> tuple:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from autoround_exp.config import AUTOROUND_METHODS
 from autoround_exp.report import stats
 from autoround_exp.report.runs import Row, Run, Section
 
@@ -96,11 +97,19 @@ def comparisons(section: Section) -> list[tuple[str, Row, Row]]:
             out.append(("quantized vs base", base, row))
         if r["method"] != "rtn" and (rtn := rtn_of(section, row)) is not None:
             out.append(("vs RTN", rtn, row))
-    autoround = [row for row in section.rows if row.first.record["method"] == "autoround"]
-    for a, b in zip(autoround, autoround[1:], strict=False):
-        (sa, _, ia, ba), (sb, _, ib, bb) = a.first.config, b.first.config
-        if (sa, ba) == (sb, bb) and ia != ib:
-            out.append(("iters vs iters", a, b))
+    for method in AUTOROUND_METHODS:
+        tuned = [row for row in section.rows if row.first.record["method"] == method]
+        for a, b in zip(tuned, tuned[1:], strict=False):
+            (sa, _, ia, ba), (sb, _, ib, bb) = a.first.config, b.first.config
+            if (sa, ba) == (sb, bb) and ia != ib:
+                out.append(("iters vs iters", a, b))
+    # the same scheme and iters through llm-compressor's modifier and auto-round's own API
+    for row in section.rows:
+        scheme, method, iters, backend = row.first.config
+        if method == "autoround_native":
+            modifier = next((r for r in section.rows if r.first.config == (scheme, "autoround", iters, backend)), None)
+            if modifier is not None:
+                out.append(("modifier vs auto-round API", modifier, row))
     return out
 
 
