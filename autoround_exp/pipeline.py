@@ -132,7 +132,8 @@ def _run_one(exp: Experiment, sweep_id: str, qkey: str, key: str) -> Outcome:
         }
         if quant:
             artifacts["checkpoint"] = [
-                str(Path(checkpoint) / f) for f in ("recipe.yaml", "quantization.json", "config.json")
+                str(Path(checkpoint) / f)
+                for f in ("recipe.yaml", "quantization.json", "config.json", "calibration_tokens.json")
             ]
         record["mlflow_run_id"] = log_run(exp, record, artifacts, lmeval_results.table(results_json), samples)
     path = results.save(record, samples)

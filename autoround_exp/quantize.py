@@ -19,6 +19,7 @@ from autoround_exp import child
 from autoround_exp.config import AUTOROUND_METHODS, Experiment
 
 RESULT_FILE = "quantization.json"
+CALIBRATION_FILE = "calibration_tokens.json"
 
 
 @dataclass
@@ -204,6 +205,11 @@ def run_request(req: dict) -> dict:
         model.save_pretrained(tmp, save_compressed=True)
         recipe = str(modifier)
     processor.save_pretrained(tmp)
+    if calib_info is not None:
+        # the exact token sequences that tuned (or observed) the model; their SHA-256 is the
+        # record's calibration.token_sha256 (for text: of json.dumps(input_ids))
+        tokens = {"token_sha256": calib_info["token_sha256"], "input_ids": kwargs["dataset"]["input_ids"]}
+        (tmp / CALIBRATION_FILE).write_text(json.dumps(tokens))
     recipe_path = tmp / "recipe.yaml"
     if not recipe_path.exists():
         recipe_path.write_text(recipe)

@@ -8,6 +8,7 @@ modifier must agree with auto-round's own path tuned on the same token ids."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -53,6 +54,11 @@ def test_both_paths_wrote_compressed_tensors_checkpoints_tuned_on_the_same_token
     assert len({c["token_sha256"] for c in calib.values()}) == 1  # one set of token ids for all
     assert all(c["nsamples"] == 32 and c["mode"] == "pack" for c in calib.values())
     for rec, _ in runs.values():
+        # the exact token ids that tuned it, kept with the checkpoint and matching the record
+        tokens = json.loads((Path(rec["checkpoint"]) / "calibration_tokens.json").read_text())
+        assert len(tokens["input_ids"]) == 32 and {len(t) for t in tokens["input_ids"]} == {256}
+        digest = hashlib.sha256(json.dumps(tokens["input_ids"]).encode()).hexdigest()
+        assert digest == tokens["token_sha256"] == rec["calibration"]["token_sha256"]
         config = json.loads((Path(rec["checkpoint"]) / "config.json").read_text())
         assert config["quantization_config"]["quant_method"] == "compressed-tensors"
         assert "lm_head" in config["quantization_config"]["ignore"]
