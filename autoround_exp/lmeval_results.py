@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -91,9 +92,11 @@ _SAMPLES_FILE = re.compile(r"^samples_(?P<task>.+)_\d{4}-\d{2}-\d{2}T[\d.\-]+\.j
 def per_sample(samples_paths: list[str]) -> dict[str, dict[str, list]]:
     """Per-document scores from lm-eval's samples logs, for paired tests between runs.
 
-    ``{task: {"doc_id": [...], "doc_hash": [...], "<metric>,<filter>": [...]}}``, every
-    list in ``doc_id`` order; ``doc_hash`` (lm-eval's hash of the document) lets two runs be
-    paired on the same documents.
+    ``{task: {"doc_id": [...], "doc_hash": [...], "prompt_hash": [...], "<metric>,<filter>":
+    [...]}}``, every list in ``doc_id`` order. Two runs are paired on the same documents by
+    ``prompt_hash`` (lm-eval's hash of the prompt and target text). ``doc_hash`` (lm-eval's
+    hash of the document) is kept for stores written before; it differs between runs for
+    documents holding an image (the image object's repr, with its address, is hashed).
     """
     out: dict[str, dict[str, list]] = {}
     for path in samples_paths:
@@ -103,12 +106,16 @@ def per_sample(samples_paths: list[str]) -> dict[str, dict[str, list]]:
         by_doc: dict[int, dict] = {}
         for line in Path(path).read_text().splitlines():
             s = json.loads(line)
-            row = by_doc.setdefault(s["doc_id"], {"doc_hash": s.get("doc_hash", "")[:16]})
+            prompt = (s.get("prompt_hash", "") + s.get("target_hash", "")).encode()
+            row = by_doc.setdefault(
+                s["doc_id"],
+                {"doc_hash": s.get("doc_hash", "")[:16], "prompt_hash": hashlib.sha256(prompt).hexdigest()[:16]},
+            )
             for metric in s["metrics"]:
                 row[f"{metric},{s['filter']}"] = float(s[metric])
         docs = sorted(by_doc)
-        columns = sorted({k for row in by_doc.values() for k in row} - {"doc_hash"})
-        task = {"doc_id": docs, "doc_hash": [by_doc[d]["doc_hash"] for d in docs]}
+        columns = sorted({k for row in by_doc.values() for k in row} - {"doc_hash", "prompt_hash"})
+        task = {"doc_id": docs, **{h: [by_doc[d][h] for d in docs] for h in ("doc_hash", "prompt_hash")}}
         task |= {c: [by_doc[d].get(c) for d in docs] for c in columns}
         out[match["task"]] = task
     return out

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -101,3 +104,23 @@ def test_seeds_aggregate_to_mean_and_sample_std():
     agg = stats.across_seeds([0.70, 0.72, 0.74])
     assert agg.mean == pytest.approx(0.72) and agg.std == pytest.approx(0.02) and agg.n == 3
     assert stats.across_seeds([0.7]).std is None
+
+
+def test_documents_holding_an_image_pair_although_lm_evals_doc_hash_differs(tmp_path):
+    """lm-eval hashes an image document with the image object's repr (its memory address), so
+    the same chart question has another doc_hash in every run: pair on prompt and target."""
+    from autoround_exp.lmeval_results import per_sample
+
+    (source,) = (Path(__file__).parent / "data").glob("samples_gsm8k_arith_*.jsonl")
+    lines = [json.loads(line) for line in source.read_text().splitlines()]
+    runs = []
+    for run in ("a", "b"):
+        path = tmp_path / run / source.name
+        path.parent.mkdir()
+        path.write_text("\n".join(json.dumps(s | {"doc_hash": f"{run}{s['doc_id']}"}) for s in lines) + "\n")
+        runs.append(per_sample([str(path)])["gsm8k_arith"])
+    xs, ys = stats.align(runs[0], runs[1], "exact_match,strict-match")
+    assert len(xs) == len({s["doc_id"] for s in lines}) and xs == ys
+    # another target under the same id and prompt is another document
+    runs[1]["prompt_hash"] = ["x" + h for h in runs[1]["prompt_hash"]]
+    assert stats.align(runs[0], runs[1], "exact_match,strict-match") == ([], [])
