@@ -208,7 +208,8 @@ def run_request(req: dict) -> dict:
     if calib_info is not None:
         # the exact token sequences that tuned (or observed) the model; their SHA-256 is the
         # record's calibration.token_sha256 (for text: of json.dumps(input_ids))
-        tokens = {"token_sha256": calib_info["token_sha256"], "input_ids": kwargs["dataset"]["input_ids"]}
+        ids = [list(map(int, row)) for row in kwargs["dataset"]["input_ids"]]  # a datasets Column: not JSON
+        tokens = {"token_sha256": calib_info["token_sha256"], "input_ids": ids}
         (tmp / CALIBRATION_FILE).write_text(json.dumps(tokens))
     recipe_path = tmp / "recipe.yaml"
     if not recipe_path.exists():
