@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from autoround_exp import lmeval_results, store
 from autoround_exp.config import AUTOROUND_METHODS, Experiment, MethodConfig
 from autoround_exp.evaluate import evaluate
-from autoround_exp.quantize import QuantResult, quantize
+from autoround_exp.quantize import CALIBRATION_FILE, RESULT_FILE, QuantResult, quantize
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -132,8 +132,7 @@ def _run_one(exp: Experiment, sweep_id: str, qkey: str, key: str) -> Outcome:
         }
         if quant:
             artifacts["checkpoint"] = [
-                str(Path(checkpoint) / f)
-                for f in ("recipe.yaml", "quantization.json", "config.json", "calibration_tokens.json")
+                str(Path(checkpoint) / f) for f in ("recipe.yaml", RESULT_FILE, "config.json", CALIBRATION_FILE)
             ]
         record["mlflow_run_id"] = log_run(exp, record, artifacts, lmeval_results.table(results_json), samples)
     path = results.save(record, samples)
