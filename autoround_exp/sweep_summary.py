@@ -1,8 +1,10 @@
-"""What each job of a ``-m`` sweep did (done / reused / failed), told once the sweep ends.
+"""What a ``-m`` sweep found and what each job did, told once the sweep ends.
 
 Each job writes a small status file into the sweep's folder, so jobs that ran in other
-processes (submitit) count too. The summary prints after the report, and the sweep exits
-with status 1 if any job failed: every other job still ran and is stored.
+processes (submitit) count too. The summary prints after the report: the short results
+table of the runs the sweep touched (the README's renderer), then done / reused / failed
+per run; the sweep exits with status 1 if any job failed: every other job still ran and
+is stored.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 JOBS = "jobs"
 
@@ -33,6 +35,30 @@ def record_job(sweep_dir: str, num: int, overrides: list[str], outcomes: list, s
         "ended": time.time(),
     }
     write_atomic(Path(sweep_dir) / JOBS / f"{num}.json", json.dumps(status, indent=2))
+
+
+def touched_keys(sweep_dir: Path) -> set[str]:
+    """Run keys of every finished (done or reused) run of the sweep's jobs."""
+    keys = set()
+    for path in (sweep_dir / JOBS).glob("*.json"):
+        keys |= {o["key"] for o in json.loads(path.read_text())["outcomes"] if o["status"] != "failed"}
+    return keys
+
+
+def results_table(config: DictConfig, keys: set[str]) -> str | None:
+    """The compact results table of the runs in ``keys``, as the README shows them."""
+    from autoround_exp.config import ReportConfig
+    from autoround_exp.report import compact, runs, tables
+
+    if not keys:
+        return None
+    report = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ReportConfig), config.report))
+    thresholds = tables.Thresholds(report.recovery_threshold, dict(report.recovery_thresholds))
+    loaded = runs.from_store(config.paths.results)
+    block, _ = compact.render_block(
+        runs.sections(loaded), thresholds, report.alpha, None, Path("."), "this sweep", keys=keys, details=False
+    )
+    return block.split("\n", 1)[1].strip()  # without the generated-by comment
 
 
 def summarize(sweep_dir: Path) -> tuple[str, int]:
@@ -60,8 +86,13 @@ def summarize(sweep_dir: Path) -> tuple[str, int]:
 
 class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        text, failed = summarize(Path(config.hydra.sweep.dir))
-        print(text, flush=True)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            table = results_table(config, touched_keys(sweep_dir))
+        except Exception as e:  # the runs are stored; `python -m autoround_exp.report` shows them
+            table = f"(results table failed: {type(e).__name__}: {e})"
+        text, failed = summarize(sweep_dir)
+        print("\n".join(t for t in (table, text) if t), flush=True)
         if failed:
             print("autoround-exp: some runs failed; their logs are in results/failed/ and MLflow", file=sys.stderr)
             sys.exit(1)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from autoround_exp.config import ReportConfig
-from autoround_exp.report import readme, runs, tables
+from autoround_exp.report import compact, readme, runs, tables
 from autoround_exp.report.render import render
 from autoround_exp.store import write_atomic
 
@@ -30,7 +30,7 @@ def generate(
     status = 0
 
     plots = results / "plots"
-    # The report next to the results, then the README's block (the same tables, image links
+    # The full report next to the results, then the README's short block (image links
     # relative to the README); check mode writes nothing and only compares the README.
     report = render(loaded, thresholds, cfg.alpha, plots, results, source, write_plots=not check)
     if not check:
@@ -42,9 +42,9 @@ def generate(
             log_report(log_to, experiment, results / "report.md", report.plots)
 
     if readme_path is not None and readme_path.is_file():
-        block = render(loaded, thresholds, cfg.alpha, plots, readme_path.parent, source, write_plots=False)
+        block, _ = compact.render_block(runs.sections(loaded), thresholds, cfg.alpha, plots, readme_path.parent, source)
         try:
-            changed = readme.update(readme_path, block.markdown, check=check)
+            changed = readme.update(readme_path, block, check=check)
         except readme.MarkerError as e:
             print(f"autoround-exp report: {readme_path}: {e}", file=sys.stderr)
             return 2

@@ -1,4 +1,6 @@
-"""The report: every section's tables and plot as one markdown block."""
+"""The full report (results/report.md): every section's tables, paired tests, published numbers,
+timings, MLflow run ids and lm-eval's table of every run. The README and the console show the
+short form (``compact``)."""
 
 from __future__ import annotations
 

@@ -77,7 +77,7 @@ class Run:
         if r["method"] == "autoround":
             return f"{scheme} AutoRound iters={r['iters']}"
         if r["method"] == "autoround_native":
-            return f"{scheme} auto-round native iters={r['iters']}"
+            return f"{scheme} auto-round API iters={r['iters']}"
         return f"{scheme} {r['method']}"
 
     def sort_key(self) -> tuple:

@@ -146,6 +146,49 @@ def duration(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def column_name(column: str) -> str:
+    """How a table heads an lm-eval column: its filter, or its metric where there is no filter."""
+    metric, filt = column.split(",", 1)
+    return metric if filt == "none" else filt
+
+
+def recovery_cell(section: Section, row: Row, column: str, thresholds: Thresholds) -> tuple[str, bool]:
+    """Recovery vs the unquantized run of the same backend, and whether it is below threshold."""
+    base = baseline_of(section, row)
+    if row.first.record["method"] == "none" or base is None or not mean(base, column):
+        return "", False
+    mine = mean(row, column)
+    if mine is None:
+        return "", False
+    recovery = mine / mean(base, column)
+    below = recovery < thresholds.of(column)
+    return f"{100 * recovery:.1f} %" + (" ✗" if below else ""), below
+
+
+def short_p(t: stats.Paired) -> str:
+    """``p<0.001``, ``p=0.012``, or ``noise`` (p >= alpha)."""
+    if t.within_noise:
+        return "noise"
+    return "p<0.001" if t.p < 0.001 else f"p={t.p:.2g}"
+
+
+def delta_cell(section: Section, row: Row, column: str, alpha: float, short: bool = False) -> str:
+    """Δ vs the RTN run of the same scheme and backend, with its paired test."""
+    rtn = rtn_of(section, row)
+    if row.first.record["method"] in ("none", "rtn") or rtn is None:
+        return ""
+    digits = 3 if short else 4
+    t = compare(rtn, row, column, alpha)
+    if t is not None:
+        if short:
+            return f"{signed(t.delta, digits)} ({short_p(t)})"
+        return f"{signed(t.delta)} (p={t.p:.2g}{', noise' if t.within_noise else ''})"
+    mine, theirs = mean(row, column), mean(rtn, column)
+    if mine is None or theirs is None:
+        return ""
+    return f"{signed(mine - theirs, digits)} (no samples)"
+
+
 def comparison_frame(section: Section, thresholds: Thresholds, alpha: float) -> tuple[pd.DataFrame, list[str]]:
     """Rows = configs; per metric value ± stderr, recovery vs base, Δ vs RTN. Also returns
     the configs below their recovery threshold."""
@@ -155,26 +198,14 @@ def comparison_frame(section: Section, thresholds: Thresholds, alpha: float) -> 
         run = row.first
         rec = run.record
         out = {"Config": run.short_label}
-        base, rtn = baseline_of(section, row), rtn_of(section, row)
         for col in cols:
-            name = col.split(",", 1)[1] if col.split(",", 1)[1] != "none" else col.split(",", 1)[0]
+            name = column_name(col)
             out[name] = value_cell(row, col)
-            rec_cell = ""
-            if rec["method"] != "none" and base is not None and mean(base, col):
-                recovery = mean(row, col) / mean(base, col)
-                rec_cell = f"{100 * recovery:.1f} %"
-                if recovery < thresholds.of(col):
-                    rec_cell += " ✗"
-                    below.append(f"{section.key.model} {run.short_label} ({run.config[3]}): {name} {rec_cell}")
+            rec_cell, is_below = recovery_cell(section, row, col, thresholds)
+            if is_below:
+                below.append(f"{section.key.model} {run.short_label} ({run.config[3]}): {name} {rec_cell}")
             out[f"{name} recovery"] = rec_cell
-            delta = ""
-            if rec["method"] not in ("none", "rtn") and rtn is not None:
-                t = compare(rtn, row, col, alpha)
-                if t is not None:
-                    delta = f"{signed(t.delta)} (p={t.p:.2g}{', noise' if t.within_noise else ''})"
-                elif mean(rtn, col) is not None:
-                    delta = f"{signed(mean(row, col) - mean(rtn, col))} (no samples)"
-            out[f"{name} Δ vs RTN"] = delta
+            out[f"{name} Δ vs RTN"] = delta_cell(section, row, col, alpha)
         q = rec.get("quantization") or {}
         out["Quant time"] = duration(q.get("oneshot_seconds"))
         out["Checkpoint"] = f"{q['size_mb']:.1f} MB" if q.get("size_mb") is not None else ""
@@ -191,25 +222,37 @@ def comparison_table(section: Section, thresholds: Thresholds, alpha: float) -> 
 
 
 def paired_table(section: Section, alpha: float) -> str | None:
+    """One row per comparison; metrics whose paired results agree exactly share the row."""
     rows = []
     for kind, a, b in comparisons(section):
+        merged: dict[tuple, list[str]] = {}
         for col in columns(section):
             t = compare(a, b, col, alpha)
-            if t is None:
-                continue
+            if t is not None:
+                merged.setdefault((t.n, t.delta, t.low, t.high, t.p, t.test), []).append(col)
+        for (n, delta, low, high, p, test), cols in merged.items():
+            within = p >= alpha
             rows.append(
                 {
                     "Comparison": f"{b.first.short_label} vs {a.first.short_label} ({b.first.config[3]})",
                     "Kind": kind,
-                    "Metric": col.replace(",", " "),
-                    "Δ": signed(t.delta),
-                    f"{100 * (1 - alpha):.0f} % CI": f"[{signed(t.low)}, {signed(t.high)}]",
-                    "p": f"{t.p:.3g} ({t.test})",
-                    "n": str(t.n),
-                    "Verdict": "within noise" if t.within_noise else ("better" if t.delta > 0 else "worse"),
+                    "Metric": metric_names(cols),
+                    "Δ": signed(delta),
+                    f"{100 * (1 - alpha):.0f} % CI": f"[{signed(low)}, {signed(high)}]",
+                    "p": f"{p:.3g} ({test})",
+                    "n": str(n),
+                    "Verdict": "within noise" if within else ("better" if delta > 0 else "worse"),
                 }
             )
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else None
+
+
+def metric_names(cols: list[str]) -> str:
+    """``exact_match (strict-match = flexible-extract)`` for one metric under several filters."""
+    metrics = {c.split(",", 1)[0] for c in cols}
+    if len(cols) > 1 and len(metrics) == 1:
+        return f"{cols[0].split(',', 1)[0]} ({' = '.join(c.split(',', 1)[1] for c in cols)})"
+    return " = ".join(c.replace(",", " ").replace(" none", "") for c in cols)
 
 
 def published_table(section: Section, published: dict) -> str | None:

@@ -1,0 +1,270 @@
+"""The short form of the results, as the README block and the end of a sweep show them.
+
+Per model × eval setting: ONE table, a row per config in upstream's order (base, then per
+scheme RTN, AutoRound iters=0, 200, …, auto-round-API rows beside the modifier's), each
+metric once as value ± stderr with recovery vs base and Δ vs RTN; what every row shares
+(backend, hardware, versions) in one caption line. Nothing here changes between two
+renderings of the same runs: no MLflow run ids, wall times or dates.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from autoround_exp.report import plots, tables
+from autoround_exp.report.runs import Row, Run, Section
+
+# A config scored by several backends shows the first of these; the others are in report.md.
+BACKEND_PREFERENCE = ("vllm", "vllm_server", "hf")
+QUANT_LIBS = ("llmcompressor", "auto-round", "compressed-tensors", "transformers", "torch")
+LIB_NAMES = {"llmcompressor": "llm-compressor"}
+
+
+def _backend_rank(row: Row) -> int:
+    backend = row.first.config[3]
+    return BACKEND_PREFERENCE.index(backend) if backend in BACKEND_PREFERENCE else len(BACKEND_PREFERENCE)
+
+
+def _upstream_order(row: Row) -> tuple:
+    scheme, method, iters, _ = row.first.config
+    return (
+        method != "none",
+        scheme or "",
+        method != "rtn",
+        iters if iters is not None else -1,
+        method == "autoround_native",  # the auto-round API beside the modifier at the same iters
+        method,
+    )
+
+
+def shown_rows(section: Section) -> list[Row]:
+    """One row per config (scheme, method, iters): the preferred backend's."""
+    by_config: dict[tuple, list[Row]] = {}
+    for row in section.rows:
+        by_config.setdefault(row.first.config[:3], []).append(row)
+    return sorted((min(rows, key=_backend_rank) for rows in by_config.values()), key=_upstream_order)
+
+
+@dataclass
+class ColumnGroup:
+    """lm-eval columns (``metric,filter``) whose cells are identical on every shown row."""
+
+    columns: list[str]
+    cells: list[tuple[str, str, str]]  # per shown row: value ± stderr, recovery, Δ vs RTN
+
+    @property
+    def header(self) -> str:
+        first = self.columns[0]
+        if len(self.columns) > 1 and len({c.split(",", 1)[0] for c in self.columns}) == 1:
+            return first.split(",", 1)[0]  # one metric under filters that agree: the metric's name
+        return tables.column_name(first)
+
+    @property
+    def note(self) -> str | None:
+        if len(self.columns) == 1:
+            return None
+        metrics = {c.split(",", 1)[0] for c in self.columns}
+        if len(metrics) == 1:
+            names = [c.split(",", 1)[1] for c in self.columns]
+            return f"{self.header}: {_and(names)} give identical values on every row; one column shows them."
+        names = _and([tables.column_name(c) for c in self.columns])
+        return f"{names} give identical values on every row; one column shows them."
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def column_groups(section: Section, rows: list[Row], thresholds: tables.Thresholds, alpha: float) -> list[ColumnGroup]:
+    groups: dict[tuple, ColumnGroup] = {}
+    for col in tables.columns(section):
+        cells = tuple(
+            (
+                tables.value_cell(row, col),
+                tables.recovery_cell(section, row, col, thresholds)[0],
+                tables.delta_cell(section, row, col, alpha, short=True),
+            )
+            for row in rows
+        )
+        groups.setdefault(cells, ColumnGroup([], list(cells))).columns.append(col)
+    return list(groups.values())
+
+
+def _versions(run: Run) -> str:
+    v = run.record.get("versions") or {}
+    return ", ".join(f"{LIB_NAMES.get(k, k)} {v[k]}" for k in QUANT_LIBS if v.get(k))
+
+
+def _scorer(run: Run) -> str:
+    ev = run.record["eval"]
+    p = ev.get("platform") or {}
+    text = f"`{ev['backend']}` (lm-eval `{ev['lm_eval_model']}` {p.get('lm_eval') or ''}".rstrip()
+    if p.get("vllm"):
+        text += f", vLLM {p['vllm']}"
+    return text + ")"
+
+
+def _task_version(run: Run) -> str:
+    versions = run.record["eval"].get("task_versions") or {}
+    return ", ".join(f"{task} v{v:g}" if isinstance(v, float) else f"{task} v{v}" for task, v in versions.items())
+
+
+# What a row was measured with: shown once in the caption when all rows agree, else as a column.
+FACTS = {"Backend": _scorer, "Hardware": tables.hardware, "Task": _task_version, "Quantized with": _versions}
+
+
+@dataclass
+class CompactSection:
+    section: Section
+    rows: list[Row]
+    groups: list[ColumnGroup]
+    below_threshold: list[str] = field(default_factory=list)
+
+    def cells(self) -> tuple[list[str], list[list[str]]]:
+        """Headers and rows. Each metric's recovery and Δ vs RTN follow its value column (their
+        headers repeat when a task has several metrics: the order says whose they are)."""
+        varying = [name for name, fn in FACTS.items() if len({fn(r.first) for r in self.rows}) > 1]
+        headers = ["Config"]
+        for g in self.groups:
+            headers += [g.header, "recovery", "Δ vs RTN"]
+        headers += varying
+        body = []
+        for i, row in enumerate(self.rows):
+            cells = [row.first.short_label]
+            for g in self.groups:
+                cells += list(g.cells[i])
+            for name in varying:
+                if name == "Backend":
+                    cells.append(row.first.config[3] + (" ⚠" if row.first.record["eval"].get("note") else ""))
+                else:
+                    cells.append(FACTS[name](row.first))
+            body.append(cells)
+        return headers, body
+
+    def frame(self) -> pd.DataFrame:
+        headers, body = self.cells()
+        return pd.DataFrame(body, columns=headers)
+
+    def table(self) -> str:
+        from tabulate import tabulate
+
+        headers, body = self.cells()
+        align = ["left" if h == "Config" or h in FACTS else "right" for h in headers]
+        return tabulate(body, headers, tablefmt="pipe", disable_numparse=True, colalign=align)
+
+    def caption(self) -> str:
+        first = self.rows[0].first
+        shared = {name: fn(first) for name, fn in FACTS.items() if len({fn(r.first) for r in self.rows}) == 1}
+        backends = sorted({r.first.config[3] for r in self.rows}, key=BACKEND_PREFERENCE.index)
+        parts = []
+        if "Backend" in shared:
+            parts.append(f"Scored by {shared['Backend']}")
+        else:
+            by = {r.first.config[3]: _scorer(r.first) for r in self.rows}
+            parts.append("Scored by " + "; ".join(by[b] for b in backends))
+        if "Hardware" in shared:
+            parts.append(f"on {shared['Hardware']}")
+        text = " ".join(parts)
+        if shared.get("Task"):
+            text += f"; task {shared['Task']}"
+        if shared.get("Quantized with") and any(r.first.record["method"] != "none" for r in self.rows):
+            text += f"; quantized with {shared['Quantized with']}"
+        configs = {r.first.config[:3] for r in self.rows}
+        hidden = [r for r in self.section.rows if r.first.config[:3] in configs and all(r is not s for s in self.rows)]
+        if hidden:
+            others = sorted({r.first.config[3] for r in hidden}, key=BACKEND_PREFERENCE.index)
+            text += (
+                f". A config scored by several backends shows one row ({', '.join(BACKEND_PREFERENCE)} first); "
+                f"its {', '.join(f'`{b}`' for b in others)} scores are in the full report"
+            )
+        return text + "."
+
+    def notes(self) -> list[str]:
+        out = [g.note for g in self.groups if g.note]
+        if len({r.first.config[3] for r in self.rows}) > 1:
+            out.append("Recovery and Δ vs RTN compare runs scored by the same backend.")
+        caveats = {r.first.record["eval"]["note"] for r in self.rows if r.first.record["eval"].get("note")}
+        caveats |= {w for r in self.rows if (w := (r.first.record["eval"].get("bos") or {}).get("warning"))}
+        return out + [f"⚠ {c}" for c in sorted(caveats)]
+
+
+def compact(
+    section: Section, thresholds: tables.Thresholds, alpha: float, keys: set[str] | None = None
+) -> CompactSection | None:
+    """The section's short table; with ``keys``, only the rows of those runs (None if none)."""
+    rows = shown_rows(section)
+    if keys is not None:
+        rows = [r for r in rows if any(run.record["key"] in keys for run in r.runs)]
+    if not rows:
+        return None
+    below = [
+        f"{section.key.model} {r.first.short_label} ({r.first.config[3]}): {tables.column_name(c)}"
+        for r in rows
+        for c in tables.columns(section)
+        if tables.recovery_cell(section, r, c, thresholds)[1]
+    ]
+    return CompactSection(section, rows, column_groups(section, rows, thresholds, alpha), below)
+
+
+def legend(thresholds: tables.Thresholds, alpha: float) -> str:
+    return (
+        f"Value ± lm-eval's stderr. Recovery = quantized / unquantized, ✗ below "
+        f"{100 * thresholds.default:g} %. Δ vs RTN: paired test on the same documents (McNemar's exact "
+        f"test for 0/1 scores); *noise* = p ≥ {alpha:g}."
+    )
+
+
+def lm_eval_tables(model: str, sections: list[CompactSection]) -> str:
+    """lm-eval's own table per shown config, headed as upstream heads them, collapsed."""
+    body = []
+    for cs in sections:
+        suffix = f" — {cs.section.key.task}, {cs.section.key.num_fewshot}-shot" if len(sections) > 1 else ""
+        for row in cs.rows:
+            # no blank line between heading and table, nor after it: a heading ends a table
+            body.append(f"#### {row.first.label}{suffix}\n{tables.lm_eval_table(row.first)}")
+    n = sum(len(cs.rows) for cs in sections)
+    return (
+        f"<details><summary>lm-eval's table per config, {model} ({n} configs)</summary>\n\n"
+        + "\n".join(body)
+        + "\n\n</details>"
+    )
+
+
+def render_block(
+    secs: list[Section],
+    thresholds: tables.Thresholds,
+    alpha: float,
+    plots_dir: Path | None,
+    link_from: Path,
+    source: str,
+    *,
+    keys: set[str] | None = None,
+    details: bool = True,
+) -> tuple[str, list[str]]:
+    """The markdown block, and the configs below their recovery threshold."""
+    parts = [
+        f"<!-- generated by `python -m autoround_exp.report` from {source}; edit outside the markers only -->",
+        legend(thresholds, alpha),
+    ]
+    below: list[str] = []
+    shown = [(s, c) for s in secs if (c := compact(s, thresholds, alpha, keys)) is not None]
+    if not shown:
+        parts.append("*No finished runs yet: run `python run.py -m …`, then `python -m autoround_exp.report`.*")
+    for i, (section, cs) in enumerate(shown):
+        parts.append(f"### {section.title}")
+        if plots_dir is not None:
+            png = plots.accuracy_vs_iters(section, plots_dir / f"{section.slug}.png", write=False)
+            if png is not None and png.is_file():
+                rel = Path(os.path.relpath(png, link_from)).as_posix()
+                parts.append(f"![accuracy vs AutoRound iters, {section.title}]({rel})")
+        parts += [cs.table(), cs.caption(), *cs.notes()]
+        below += cs.below_threshold
+        model = section.key.model
+        last_of_model = i + 1 == len(shown) or shown[i + 1][0].key.model != model
+        if details and last_of_model:
+            parts.append(lm_eval_tables(model, [c for s, c in shown if s.key.model == model]))
+    return "\n\n".join(parts) + "\n", below

@@ -1,0 +1,121 @@
+"""The README is a page and docs/ holds the rest: every relative link in them resolves (files,
+and headings for links into a .md file), the README stays short, and every doc is reachable
+from it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+README_MAX_LINES = 250
+
+# [text](target) and ![alt](target), with an optional "title"; the text may hold parentheses.
+LINK = re.compile(r"!?\[(?P<text>[^\]]*)\]\((?P<target>[^)\s]+)(?:\s+\"[^\"]*\")?\)")
+FENCE = re.compile(r"^\s*(```|~~~)")
+INLINE_CODE = re.compile(r"`+[^`]*`+")
+HEADING = re.compile(r"^ {0,3}#{1,6}\s+(?P<text>.*?)\s*#*\s*$")
+EXTERNAL = ("http://", "https://", "mailto:")
+
+
+def prose_lines(text: str) -> list[str]:
+    """The lines outside fenced code blocks (a `# comment` in a shell block is no heading)."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if FENCE.match(line):
+            fenced = not fenced
+            continue
+        if not fenced:
+            lines.append(line)
+    return lines
+
+
+def links(path: Path) -> list[str]:
+    """Link and image targets of a markdown file, outside code blocks and inline code."""
+    out = []
+    for line in prose_lines(path.read_text()):
+        out += [m["target"] for m in LINK.finditer(INLINE_CODE.sub("", line))]
+    return out
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: the rendered text lowercased, punctuation dropped except
+    '-' and '_', spaces to '-'."""
+    text = LINK.sub(lambda m: m["text"], heading)  # a link in a heading renders as its text
+    text = re.sub(r"[^\w\- ]", "", text.lower())
+    return text.replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    """Every heading anchor of a markdown file; a repeated heading gets -1, -2, ... as on GitHub."""
+    seen: dict[str, int] = {}
+    out = set()
+    for line in prose_lines(path.read_text()):
+        m = HEADING.match(line)
+        if not m:
+            continue
+        base = slug(m["text"])
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def broken_links(path: Path) -> list[str]:
+    problems = []
+    for target in links(path):
+        if target.startswith(EXTERNAL) or target.startswith("#"):
+            continue
+        file_part, _, anchor = target.partition("#")
+        dest = (path.parent / unquote(file_part)).resolve()
+        shown = dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest
+        if not dest.exists():
+            problems.append(f"{target}: {shown} does not exist")
+        elif anchor and dest.suffix == ".md" and unquote(anchor).lower() not in anchors(dest):
+            problems.append(f"{target}: no heading with anchor #{anchor} in {shown}")
+    return problems
+
+
+MARKDOWN = [README, *DOCS]
+
+
+@pytest.mark.parametrize("path", MARKDOWN, ids=[str(p.relative_to(ROOT)) for p in MARKDOWN])
+def test_relative_links_resolve(path):
+    assert broken_links(path) == []
+
+
+def test_readme_is_a_page():
+    lines = len(README.read_text().splitlines())
+    assert lines <= README_MAX_LINES, (
+        f"README.md has {lines} lines (at most {README_MAX_LINES}); move detail into docs/ "
+        "or make the generated results block shorter"
+    )
+
+
+def test_every_doc_is_linked_from_the_readme():
+    linked = {(ROOT / unquote(t.partition("#")[0])).resolve() for t in links(README) if not t.startswith(EXTERNAL)}
+    assert DOCS, "docs/ holds no .md file"
+    assert [str(d.relative_to(ROOT)) for d in DOCS if d.resolve() not in linked] == []
+
+
+@pytest.mark.parametrize("path", DOCS, ids=[d.name for d in DOCS])
+def test_doc_starts_with_a_title(path):
+    assert path.read_text().startswith("# "), f"{path.name} should start with '# Title' and a summary paragraph"
+
+
+def test_link_checker_catches_a_broken_link(tmp_path):
+    """The checker itself: a missing file and a missing heading are reported, a good link is not."""
+    (tmp_path / "other.md").write_text("# Other\n\n## A heading: with `code`, punctuation & more\n")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "[ok](other.md#a-heading-with-code-punctuation--more) ![img](missing.png) [bad](other.md#nope)\n"
+        "[web](https://example.com) [self](#anywhere)\n```\n[in code](missing.md)\n# not a heading\n```\n"
+    )
+    problems = broken_links(page)
+    assert len(problems) == 2
+    assert "missing.png" in problems[0] and "#nope" in problems[1]
