@@ -13,13 +13,14 @@ model (numbers printed, nothing asserted: `make bench`).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from autoround_exp.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,19 +94,19 @@ def one_round(tmp: Path, iters: int, limit: int) -> dict[str, float]:
     work.mkdir()
     first = timed(harness_argv(work, iters, limit), work)
     rerun = timed(harness_argv(work, iters, limit), work)
-    (record,) = [json.loads(p.read_text()) for p in (work / "results" / "runs").glob("*.json")]
-    calib = record["calibration"]
+    (rec,) = Store(work / "results").records()
+    calib = rec.calibration
 
     raw = tmp / "raw"
     raw.mkdir()
     script = raw / "quantize.py"
     script.write_text(RAW_QUANTIZE)
     ckpt = raw / "checkpoint"
-    model = record["config"]["model"]["path"]
-    calib_args = [calib["source"], str(ckpt), str(iters), str(calib["nsamples"]), str(calib["seqlen"])]
+    model = rec.model.path
+    calib_args = [calib.source, str(ckpt), str(iters), str(calib.nsamples), str(calib.seqlen)]
     raw_quant = timed([sys.executable, str(script), model, *calib_args], raw)
     # the harness's own lm_eval command line, pointed at the raw checkpoint and a new output
-    argv = [a.replace(record["checkpoint"], str(ckpt)) for a in record["eval"]["command"]]
+    argv = [a.replace(rec.checkpoint, str(ckpt)) for a in rec.eval.command]
     out_at = argv.index("--output_path") + 1
     argv[out_at] = str(raw / "lm_eval")
     raw_eval = timed(argv, raw)

@@ -444,8 +444,18 @@ def validate(cfg: DictConfig, serve_env: bool = True) -> Experiment:
         check_tracking(typed.tracking)
     resolved["tracking"]["uri"] = redact_uri(typed.tracking.uri)  # what is logged and stored
 
-    # Last, because it asks the serve environment (a child process, a few seconds).
+    # Last, because they ask other processes: the tracking server (one request), the serve
+    # environment (a child process, a few seconds).
     choice = None
+    if serve_env and typed.tracking.enabled:
+        from autoround_exp.tracking import check_reachable
+
+        if (problem := check_reachable(typed.tracking)) is not None:
+            raise ConfigError(
+                f"tracking.uri={redact_uri(typed.tracking.uri)} does not answer ({problem}); start the MLflow "
+                "server (mlflow server --host 127.0.0.1 --port PORT), fix tracking.uri, or set tracking=sqlite "
+                "or tracking.enabled=false."
+            )
     if serve_env:
         from autoround_exp.serve import ServeEnvError, choose
 

@@ -12,6 +12,7 @@ from autoround_exp import lmeval_results, store
 from autoround_exp.config import AUTOROUND_METHODS, Experiment, MethodConfig
 from autoround_exp.evaluate import evaluate
 from autoround_exp.quantize import CALIBRATION_FILE, RESULT_FILE, QuantResult, quantize
+from autoround_exp.record import EvalSettings, Evaluation, FailureRecord, ModelRef, RunRecord, Tracking
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -59,7 +60,7 @@ def _run_one(exp: Experiment, sweep_id: str, qkey: str, key: str) -> Outcome:
     name = run_name(exp)
     found = results.find(key)
     if found is not None and not exp.force:
-        return Outcome(name, key, "reused", found["metrics"], found.get("mlflow_run_id"), str(results.path_of(key)))
+        return Outcome(name, key, "reused", found.metrics, found.mlflow_run_id, str(results.path_of(key)))
 
     print(f"[run] {name} key={key} {describe_backend(exp)}", flush=True)
     work = Path(exp.paths.work).resolve()
@@ -83,82 +84,95 @@ def _run_one(exp: Experiment, sweep_id: str, qkey: str, key: str) -> Outcome:
     results_json = lmeval_results.load(ev.results_path)
     samples = lmeval_results.per_sample(ev.samples_paths)
     rows = lmeval_results.metrics(results_json)
-    record = {
-        "name": name,
-        "key": key,
-        "quant_key": qkey,
-        "sweep_id": sweep_id,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": {"name": exp.model.name, "path": exp.model.path, "display_name": exp.model.display_name},
-        "scheme": exp.scheme.name if exp.quantized else None,
-        "method": exp.method.name,
-        "iters": exp.method.iters if exp.method.name in AUTOROUND_METHODS else None,
-        "seed": exp.seed,
-        "checkpoint": checkpoint,
-        "checkpoint_name": exp.checkpoint_name,
-        "quantization": asdict(quant) if quant else None,
-        "calibration": quant.calibration if quant else None,
-        "eval": {
-            "task": exp.lm_eval_task,
-            "backend": ev.backend,
-            "backend_requested": exp.serve_choice.requested,
-            "backend_reason": exp.serve_choice.reason,
-            "note": exp.serve_choice.note,
-            "lm_eval_model": ev.lm_eval_model,
-            "device": ev.device,
-            "platform": ev.platform,
-            "kernels": ev.kernels,
-            "bos": ev.bos,
-            "server_command": ev.server_command,
-            "seconds": ev.seconds,
-            "task_versions": results_json.get("versions", {}),
-            "results_json": ev.results_path,
-            "command": ev.command,
-        },
-        "metrics": lmeval_results.mlflow_metrics(rows),
-        "table": [asdict(r) for r in rows],
-        "lm_eval": lmeval_results.summary(results_json),
-        "versions": store.versions(),
-        "config": exp.resolved,
-        "mlflow_run_id": None,
+    artifacts = {
+        "lm_eval": [ev.results_path, *ev.samples_paths, *(str(p) for p in Path(ev.output_dir).glob("*command.txt"))],
+        "logs": [str(p) for p in logs.glob("*.log")],
     }
+    if quant:
+        artifacts["checkpoint"] = [
+            str(Path(checkpoint) / f) for f in ("recipe.yaml", RESULT_FILE, "config.json", CALIBRATION_FILE)
+        ]
+    rec = RunRecord(
+        name=name,
+        key=key,
+        quant_key=qkey,
+        sweep_id=sweep_id,
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        model=ModelRef(
+            name=exp.model.name,
+            path=exp.model.path,
+            display_name=exp.model.display_name,
+            revision=None if Path(exp.model.path).expanduser().exists() else exp.model.revision,
+        ),
+        scheme=exp.scheme.name if exp.quantized else None,
+        scheme_preset=exp.scheme.preset if exp.quantized else None,
+        method=exp.method.name,
+        iters=exp.method.iters if exp.method.name in AUTOROUND_METHODS else None,
+        seed=exp.seed,
+        checkpoint=checkpoint,
+        checkpoint_name=exp.checkpoint_name,
+        quantization=asdict(quant) if quant else None,
+        calibration=quant.calibration if quant else None,
+        eval=Evaluation(
+            task=exp.lm_eval_task,
+            backend=ev.backend,
+            backend_requested=exp.serve_choice.requested,
+            backend_reason=exp.serve_choice.reason,
+            note=exp.serve_choice.note,
+            lm_eval_model=ev.lm_eval_model,
+            device=ev.device,
+            platform=ev.platform,
+            kernels=ev.kernels,
+            bos=ev.bos,
+            server_command=ev.server_command,
+            seconds=ev.seconds,
+            task_versions=results_json.get("versions", {}),
+            results_json=ev.results_path,
+            command=ev.command,
+        ),
+        eval_settings=EvalSettings(
+            num_fewshot=exp.eval.num_fewshot,
+            limit=exp.eval.limit,
+            add_bos_token=exp.eval.add_bos_token,
+            apply_chat_template=exp.eval.apply_chat_template,
+        ),
+        metrics=lmeval_results.mlflow_metrics(rows),
+        table=[asdict(r) for r in rows],
+        lm_eval=lmeval_results.summary(results_json),
+        versions=store.versions(),
+        config=exp.resolved,
+        artifacts=artifacts,
+    )
     if exp.tracking.enabled:
-        from autoround_exp.tracking import log_run
+        from autoround_exp.tracking import log_or_defer
 
-        commands = [str(p) for p in Path(ev.output_dir).glob("*command.txt")]
-        artifacts = {
-            "lm_eval": [ev.results_path, *ev.samples_paths, *commands],
-            "logs": [str(p) for p in logs.glob("*.log")],
-        }
-        if quant:
-            artifacts["checkpoint"] = [
-                str(Path(checkpoint) / f) for f in ("recipe.yaml", RESULT_FILE, "config.json", CALIBRATION_FILE)
-            ]
-        record["mlflow_run_id"] = log_run(exp, record, artifacts, lmeval_results.table(results_json), samples)
-    path = results.save(record, samples)
-    return Outcome(name, key, "done", record["metrics"], record["mlflow_run_id"], str(path))
+        rec = log_or_defer(exp.tracking, rec, samples, force=exp.force)
+    path = results.save(rec, samples)
+    return Outcome(name, key, "done", rec.metrics, rec.mlflow_run_id, str(path))
 
 
 def record_failure(exp: Experiment, name: str, key: str, qkey: str, sweep_id: str, err: Exception, logs: Path) -> None:
     """Keep what a failed job left (error, logs), apart from finished runs so it is never reused."""
-    record = {
-        "name": name,
-        "key": key,
-        "quant_key": qkey,
-        "sweep_id": sweep_id,
-        "status": "failed",
-        "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "error": str(err)[-4000:],
-        "logs": sorted(str(p) for p in logs.glob("*.log")),
-        "eval": {"backend": exp.serve.backend, "backend_reason": exp.serve_choice.reason},
-        "config": exp.resolved,
-        "mlflow_run_id": None,
-    }
+    rec = FailureRecord(
+        name=name,
+        key=key,
+        quant_key=qkey,
+        sweep_id=sweep_id,
+        failed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        error=str(err)[-4000:],
+        logs=sorted(str(p) for p in logs.glob("*.log")),
+        backend=exp.serve.backend,
+        backend_reason=exp.serve_choice.reason,
+        config=exp.resolved,
+    )
     if exp.tracking.enabled:
         from autoround_exp.tracking import log_failure
 
-        record["mlflow_run_id"] = log_failure(exp, record)
-    path = store.Store(exp.paths.results).save_failure(record)
+        try:
+            rec.tracking = Tracking(status="logged", run_id=log_failure(exp.tracking, rec, force=exp.force))
+        except Exception as e:  # the failure is kept on disk whatever MLflow does
+            rec.tracking = Tracking(status="pending", error=f"{type(e).__name__}: {e}"[:500])
+    path = store.Store(exp.paths.results).save_failure(rec)
     print(f"[failed] {name} key={key} record={path}", flush=True)
 
 
@@ -171,6 +185,8 @@ def describe_backend(exp: Experiment) -> str:
 def run_experiment(exp: Experiment, sweep_id: str) -> list[Outcome]:
     """The job and its baselines. One that fails is recorded (results/failed/, MLflow FAILED)
     and the others still run; its outcome has status ``failed``."""
+    # the commit a hub model's revision names now: in every key and record, and what is loaded
+    exp = store.pin_revision(exp)
     outcomes = []
     for job in [*baselines_of(exp), exp]:
         try:

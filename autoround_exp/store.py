@@ -11,11 +11,15 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import asdict
+import re
+import time
+from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 
+from autoround_exp import record
 from autoround_exp.config import AUTOROUND_METHODS, Experiment, data_files
+from autoround_exp.record import FailureRecord, RunRecord
 
 QUANT_LIBS = ("torch", "transformers", "llmcompressor", "auto-round", "compressed-tensors")
 # What of the serve environment's probe decides an evaluation's numbers.
@@ -41,48 +45,150 @@ def file_digest(path: str | Path) -> str | None:
     return hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else None
 
 
-# A local file larger than this is identified by its size and its first and last
-# HASH_EDGE bytes: a sweep validates each job, and reading 16 GB of weights per job would not do.
-HASH_WHOLE = 64 * 2**20
-HASH_EDGE = 8 * 2**20
+class IdentityError(RuntimeError):
+    """What a run's identity needs cannot be had; the message says what to set."""
 
 
-def content_digest(path: Path) -> str:
+def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    size = path.stat().st_size
     with path.open("rb") as f:
-        if size <= HASH_WHOLE:
-            h.update(f.read())
-        else:
-            h.update(str(size).encode())
-            h.update(f.read(HASH_EDGE))
-            f.seek(size - HASH_EDGE)
-            h.update(f.read())
+        while chunk := f.read(8 * 2**20):
+            h.update(chunk)
     return h.hexdigest()[:16]
 
 
-def source_identity(source: str) -> str | dict:
-    """A hub id as it is; a local file or model directory by its content, not its path, so
-    that two clones (or a moved copy) of the same model and data share their runs' keys."""
+class DigestCache:
+    """Content digests of local files, kept by (path, size, mtime_ns): every byte counts in a
+    run's key, and a re-run (a sweep validates and keys every job) reads nothing again."""
+
+    SLOW_BYTES = 2**30  # the first hash of a file this large is timed and said
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._entries: dict[str, dict] | None = None
+
+    def _load(self) -> dict[str, dict]:
+        if self._entries is None:
+            self._entries = {}
+            if self.path is not None and self.path.is_file():
+                with contextlib.suppress(ValueError):
+                    self._entries = json.loads(self.path.read_text())
+        return self._entries
+
+    def digest(self, file: Path) -> str:
+        st = file.stat()
+        name = str(file.resolve())
+        hit = self._load().get(name)
+        if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
+            return hit["digest"]
+        t0 = time.perf_counter()
+        digest = _sha256_file(file)
+        if st.st_size >= self.SLOW_BYTES:
+            print(
+                f"[identity] hashed {file.name} ({st.st_size / 2**30:.1f} GB) in {time.perf_counter() - t0:.0f} s; "
+                "cached for later runs",
+                flush=True,
+            )
+        self._entries[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "digest": digest}
+        self._save(name)
+        return digest
+
+    def _save(self, name: str) -> None:
+        if self.path is None:
+            return
+        # parallel jobs share the cache: merge under a lock, never lose another job's entry
+        with locked(self.path.with_name(f".{self.path.name}.lock")):
+            entries = {}
+            if self.path.is_file():
+                with contextlib.suppress(ValueError):
+                    entries = json.loads(self.path.read_text())
+            entries[name] = self._entries[name]
+            write_atomic(self.path, json.dumps(entries, indent=0, sort_keys=True))
+
+
+_caches: dict[Path | None, DigestCache] = {}
+
+
+def digest_cache(exp: Experiment | None) -> DigestCache:
+    path = Path(exp.paths.work).resolve() / "cache" / "content-digests.json" if exp is not None else None
+    return _caches.setdefault(path, DigestCache(path))
+
+
+def source_identity(source: str, cache: DigestCache | None = None) -> str | dict:
+    """A hub id as it is; a local file or model directory by its whole content, not its path,
+    so that two clones (or a moved copy) of the same model and data share their runs' keys."""
+    cache = cache or DigestCache(None)
     p = Path(source).expanduser()
     if p.is_file():
-        return {"file": p.name, "content": content_digest(p)}
+        return {"file": p.name, "content": cache.digest(p)}
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-        return {"dir": {f.relative_to(p).as_posix(): content_digest(f) for f in files}}
+        return {"dir": {f.relative_to(p).as_posix(): cache.digest(f) for f in files}}
     return source
+
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
+_revisions: dict[tuple[str, str], str] = {}
+
+
+def hub_revision(repo: str, revision: str) -> str:
+    """The commit ``revision`` of hub model ``repo`` names now: asked of the hub when online,
+    read from the local Hugging Face cache offline. A branch such as "main" moves; its commit
+    goes into the run key, so a model updated on the hub is a new run, never a reused result."""
+    if COMMIT.fullmatch(revision):
+        return revision
+    if (repo, revision) in _revisions:
+        return _revisions[(repo, revision)]
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    asked, reason = None, ""
+    if not offline:
+        try:
+            from huggingface_hub import HfApi
+
+            asked = HfApi().model_info(repo, revision=revision, timeout=15).sha
+        except Exception as e:  # no network, no access: the cache may still know it
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model") / "refs" / revision
+    commit = asked or (ref.read_text().strip() if ref.is_file() else None)
+    if commit is None:
+        why = "HF_HUB_OFFLINE is set" if offline else f"the hub did not answer ({reason})"
+        raise IdentityError(
+            f"model.path={repo} model.revision={revision}: cannot tell which commit that is ({why}, and the local "
+            f"cache {ref.parent.parent} has no ref {revision}); download it first (hf download {repo}), "
+            "or set model.revision to a 40-character commit hash."
+        )
+    _revisions[(repo, revision)] = commit
+    return commit
+
+
+def pin_revision(exp: Experiment) -> Experiment:
+    """``exp`` with a hub model's revision resolved to its commit (local folders as they are):
+    the key, the record and the quantization's download all name the same weights."""
+    m = exp.model
+    if Path(m.path).expanduser().exists():
+        return exp
+    commit = hub_revision(m.path, m.revision)
+    if commit == m.revision:
+        return exp
+    return replace(exp, model=replace(m, revision=commit))
 
 
 def quant_identity(exp: Experiment) -> dict:
     m, q = exp.model, exp.method
-    ident = {"model": source_identity(m.path), "revision": m.revision, "dtype": m.dtype, "method": q.name}
+    cache = digest_cache(exp)
+    local = Path(m.path).expanduser().exists()
+    ident = {"model": source_identity(m.path, cache), "revision": None if local else m.revision, "dtype": m.dtype}
+    ident["method"] = q.name
     if not exp.quantized:
         return ident
     ident |= {"scheme": exp.scheme.preset, "ignore": list(m.ignore), "versions": versions(QUANT_LIBS)}
     if q.name in AUTOROUND_METHODS:
         ident["autoround"] = {k: v for k, v in asdict(q).items() if k not in ("name", "label")}
     if q.name in AUTOROUND_METHODS or exp.scheme.calibrate_rtn:
-        ident["calibration"] = asdict(exp.calibration) | {"source": source_identity(exp.calibration.source)}
+        ident["calibration"] = asdict(exp.calibration) | {"source": source_identity(exp.calibration.source, cache)}
         if exp.seed is not None:
             ident["seed"] = exp.seed  # torch's seed; calibration.seed already carries it
     return ident
@@ -112,6 +218,7 @@ def eval_identity(exp: Experiment, quant_key: str) -> dict:
 
 
 def keys(exp: Experiment) -> tuple[str, str]:
+    """(quantization key, run key). A hub model's revision must be pinned first (``pin_revision``)."""
     qkey = digest(quant_identity(exp))
     return qkey, digest(eval_identity(exp, qkey))
 
@@ -148,33 +255,41 @@ class Store:
     def __init__(self, root: str | Path):
         self.runs = Path(root) / "runs"
         self.samples = Path(root) / "samples"  # per-document scores, for paired tests
+        self.failed = Path(root) / "failed"
 
     def path_of(self, key: str) -> Path | None:
         return next(iter(self.runs.glob(f"*__{key}.json")), None)
 
-    def find(self, key: str) -> dict | None:
+    def find(self, key: str) -> RunRecord | None:
         path = self.path_of(key)
-        return json.loads(path.read_text()) if path else None
+        return record.load(path) if path else None
 
-    def save(self, record: dict, samples: dict | None = None) -> Path:
+    def save(self, rec: RunRecord, samples: dict | None = None) -> Path:
         """The per-document scores first: a record on disk always has its samples."""
         if samples is not None:
-            write_atomic(self.samples / f"{record['key']}.json", json.dumps(samples, separators=(",", ":")))
-        path = self.runs / f"{record['name']}__{record['key']}.json"
-        write_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
+            write_atomic(self.samples / f"{rec.key}.json", json.dumps(samples, separators=(",", ":")))
+        path = self.runs / f"{rec.name}__{rec.key}.json"
+        write_atomic(path, rec.to_json())
         return path
 
     def samples_of(self, key: str) -> dict | None:
         path = self.samples / f"{key}.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def save_failure(self, record: dict) -> Path:
+    def save_failure(self, rec: FailureRecord) -> Path:
         """Failed jobs go to ``failed/``: kept for the post-mortem, never found as finished."""
-        failed = self.runs.parent / "failed"
-        failed.mkdir(parents=True, exist_ok=True)
-        path = failed / f"{record['name']}__{record['key']}.json"
-        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        path = self.failed / f"{rec.name}__{rec.key}.json"
+        write_atomic(path, rec.to_json())
         return path
 
-    def records(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.runs.glob("*.json"))]
+    def records(self) -> list[RunRecord]:
+        return [record.load(p) for p in sorted(self.runs.glob("*.json"))]
+
+    def pending(self) -> list[Path]:
+        """Records (finished and failed) not yet in MLflow, for ``tracking sync``."""
+        out = []
+        for path in sorted([*self.runs.glob("*.json"), *self.failed.glob("*.json")]):
+            data = json.loads(path.read_text())
+            if (data.get("tracking") or {}).get("status") == "pending":
+                out.append(path)
+        return out

@@ -1,13 +1,23 @@
-"""Log stage: one MLflow run per finished job (params, tags, metrics, table, artifacts)."""
+"""Log stage: one MLflow run per finished job (params, tags, metrics, table, artifacts), read
+from its record; a tracking store that is down is caught at the door, and a record that could
+not be logged is kept as pending for ``python -m autoround_exp.tracking sync``."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
-from autoround_exp.config import Experiment, TrackingConfig
+from autoround_exp.config import TrackingConfig, redact_uri
+from autoround_exp.record import FailureRecord, RunRecord, Tracking
 from autoround_exp.store import locked
+
+# A tracking server that stops answering costs seconds, not MLflow's minutes of retries: the
+# record is kept as pending and synced later. A user's own setting wins.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -84,91 +94,202 @@ def settle_earlier_runs(mlflow, exp_id: str, key: str, force: bool) -> str | Non
     return finished
 
 
-def _identity_tags(record: dict) -> dict[str, str]:
+def _identity_tags(rec: RunRecord | FailureRecord) -> dict[str, str]:
     return {
-        "run_key": record["key"],
-        "quant_key": record["quant_key"],
-        "sweep_id": record["sweep_id"],
+        "run_key": rec.key,
+        "quant_key": rec.quant_key,
+        "sweep_id": rec.sweep_id,
         "git_commit": git_commit() or "unknown",
     }
 
 
-def log_run(
-    exp: Experiment, record: dict, artifacts: dict[str, list[str]], table_md: str, samples: dict | None = None
-) -> str:
-    """Log a finished job; returns the MLflow run id."""
+def _tags(rec: RunRecord) -> dict[str, str]:
+    ev, p = rec.eval, rec.eval.platform
+    tags = {
+        **_identity_tags(rec),
+        "model": rec.model.name,
+        "scheme": rec.scheme or "none",
+        "method": rec.method,
+        "eval_backend": ev.backend,
+        "eval_backend_requested": str(ev.backend_requested),
+        "eval_backend_reason": str(ev.backend_reason),
+        "lm_eval_model": ev.lm_eval_model,
+        "device": str(ev.device),
+        "device_name": str(p.device_name),
+        "compute_capability": str(p.compute_capability),
+        "vllm_version": str(p.vllm),
+        "vllm_kernels": json.dumps(ev.kernels),
+        "lm_eval_task_version": json.dumps(ev.task_versions),
+        **{f"version.{k}": str(v) for k, v in rec.versions.items()},
+    }
+    if rec.model.revision:
+        tags["model_revision"] = rec.model.revision
+    if ev.note:
+        tags["eval_note"] = ev.note
+    bos = ev.bos or {}
+    tags["add_bos_token"] = str(bos.get("add_bos_token"))
+    tags["double_bos"] = str(bos.get("double_bos"))
+    if ev.bos_warning:
+        tags["eval_bos_warning"] = ev.bos_warning
+    return tags
+
+
+def log_run(cfg: TrackingConfig, rec: RunRecord, samples: dict | None = None, force: bool = False) -> str:
+    """Log a finished job from its record; returns the MLflow run id."""
     import mlflow
     import pandas as pd
 
-    exp_id = connect(mlflow, exp.tracking)
-    earlier = settle_earlier_runs(mlflow, exp_id, record["key"], exp.force)
+    from autoround_exp.lmeval_results import table
+
+    exp_id = connect(mlflow, cfg)
+    earlier = settle_earlier_runs(mlflow, exp_id, rec.key, force)
     if earlier is not None:
         return earlier
-    tags = {
-        **_identity_tags(record),
-        "model": exp.model.name,
-        "scheme": exp.scheme.name if exp.quantized else "none",
-        "method": exp.method.name,
-        "eval_backend": record["eval"]["backend"],
-        "eval_backend_requested": record["eval"]["backend_requested"],
-        "eval_backend_reason": record["eval"]["backend_reason"],
-        "lm_eval_model": record["eval"]["lm_eval_model"],
-        "device": record["eval"]["device"],
-        "device_name": record["eval"]["platform"]["device_name"],
-        "compute_capability": str(record["eval"]["platform"].get("compute_capability")),
-        "vllm_version": str(record["eval"]["platform"].get("vllm")),
-        "vllm_kernels": json.dumps(record["eval"]["kernels"]),
-        "lm_eval_task_version": json.dumps(record["eval"]["task_versions"]),
-        **{f"version.{k}": str(v) for k, v in record["versions"].items()},
-    }
-    if record["eval"]["note"]:
-        tags["eval_note"] = record["eval"]["note"]
-    bos = record["eval"].get("bos") or {}
-    tags["add_bos_token"] = str(bos.get("add_bos_token"))
-    tags["double_bos"] = str(bos.get("double_bos"))
-    if bos.get("warning"):
-        tags["eval_bos_warning"] = bos["warning"]
-    with mlflow.start_run(experiment_id=exp_id, run_name=record["name"], tags=tags) as run:
-        mlflow.log_params(flatten(exp.resolved))
-        mlflow.log_params({f"calibration_used.{k}": str(v) for k, v in (record.get("calibration") or {}).items()})
-        mlflow.log_metrics(record["metrics"])
-        if record.get("quantization"):
-            q = record["quantization"]
+    with mlflow.start_run(experiment_id=exp_id, run_name=rec.name, tags=_tags(rec)) as run:
+        mlflow.log_params(flatten(rec.config))
+        calibration = rec.calibration.model_dump() if rec.calibration else {}
+        mlflow.log_params({f"calibration_used.{k}": str(v) for k, v in calibration.items()})
+        mlflow.log_metrics(rec.metrics)
+        if rec.quantization:
+            q = rec.quantization
             mlflow.log_metrics(
                 {
-                    "quant/oneshot_seconds": q["oneshot_seconds"],
-                    "quant/peak_memory_gb": q["peak_memory_gb"],
-                    "checkpoint/size_mb": q["size_mb"],
+                    "quant/oneshot_seconds": q.oneshot_seconds,
+                    "quant/peak_memory_gb": q.peak_memory_gb,
+                    "checkpoint/size_mb": q.size_mb,
                 }
             )
-        mlflow.log_metric("eval/seconds", record["eval"]["seconds"])
-        mlflow.log_table(pd.DataFrame(record["table"]), artifact_file="lm_eval_table.json")
-        mlflow.log_text(table_md, "lm_eval_table.md")
-        mlflow.log_dict(exp.resolved, "config.yaml")
+        if rec.eval.seconds is not None:
+            mlflow.log_metric("eval/seconds", rec.eval.seconds)
+        mlflow.log_table(pd.DataFrame([m.model_dump() for m in rec.table]), artifact_file="lm_eval_table.json")
+        mlflow.log_text(table(rec.lm_eval), "lm_eval_table.md")
+        mlflow.log_dict(rec.config, "config.yaml")
         # What `python -m autoround_exp.report --mlflow URI` rebuilds its tables from.
-        mlflow.log_dict(record, "record.json")
+        logged = rec.model_copy(update={"tracking": Tracking(status="logged", run_id=run.info.run_id)})
+        mlflow.log_dict(json.loads(logged.model_dump_json()), "record.json")
         if samples is not None:
             mlflow.log_dict(samples, "samples.json")
-        for folder, paths in artifacts.items():
-            for p in paths:
-                if Path(p).is_file():
-                    mlflow.log_artifact(p, artifact_path=folder)
+        for folder, paths in rec.artifacts.items():
+            for path in paths:
+                if Path(path).is_file():
+                    mlflow.log_artifact(path, artifact_path=folder)
         return run.info.run_id
 
 
-def log_failure(exp: Experiment, record: dict) -> str:
+def log_or_defer(cfg: TrackingConfig, rec: RunRecord, samples: dict | None, force: bool = False) -> RunRecord:
+    """The record with where MLflow has it. A tracking store that fails now costs no finished
+    work: the record is kept as ``pending`` and ``python -m autoround_exp.tracking sync`` logs it."""
+    try:
+        run_id = log_run(cfg, rec, samples, force)
+    except Exception as e:
+        print(
+            f"WARNING: logging {rec.name} to MLflow ({redact_uri(cfg.uri)}) failed ({type(e).__name__}: "
+            f"{str(e)[:300]}); the run is stored as pending: `python -m autoround_exp.tracking sync` logs it.",
+            flush=True,
+        )
+        return rec.model_copy(update={"tracking": Tracking(status="pending", error=f"{type(e).__name__}: {e}"[:500])})
+    return rec.model_copy(update={"tracking": Tracking(status="logged", run_id=run_id)})
+
+
+def log_failure(cfg: TrackingConfig, rec: FailureRecord, force: bool = False) -> str:
     """A FAILED MLflow run holding the error and the logs of the job."""
     import mlflow
 
-    exp_id = connect(mlflow, exp.tracking)
-    settle_earlier_runs(mlflow, exp_id, record["key"], exp.force)
-    tags = {**_identity_tags(record), "eval_backend": record["eval"]["backend"]}
-    run = mlflow.start_run(experiment_id=exp_id, run_name=record["name"], tags=tags)
+    exp_id = connect(mlflow, cfg)
+    settle_earlier_runs(mlflow, exp_id, rec.key, force)
+    tags = {**_identity_tags(rec), "eval_backend": rec.backend}
+    run = mlflow.start_run(experiment_id=exp_id, run_name=rec.name, tags=tags)
     try:
-        mlflow.log_params(flatten(exp.resolved))
-        mlflow.log_text(record["error"], "error.txt")
-        for p in record["logs"]:
-            mlflow.log_artifact(p, artifact_path="logs")
+        mlflow.log_params(flatten(rec.config))
+        mlflow.log_text(rec.error, "error.txt")
+        for path in rec.logs:
+            if Path(path).is_file():
+                mlflow.log_artifact(path, artifact_path="logs")
     finally:
         mlflow.end_run(status="FAILED")
     return run.info.run_id
+
+
+# ---------------------------------------------------------------- at the door, and later
+
+
+# Servers that answered in this process: a sweep's jobs (validated at its door, then each as
+# it starts) ask once. A server that stops later costs no work: its runs are kept as pending.
+_ANSWERED: set[str] = set()
+
+
+def check_reachable(cfg: TrackingConfig, timeout_s: float = 5) -> str | None:
+    """None if the tracking store answers, else what is wrong. One request to an HTTP server's
+    /health (seconds), before any work: a finished job never waits on a server that is down."""
+    if not cfg.enabled or not cfg.uri.startswith(("http://", "https://")) or cfg.uri in _ANSWERED:
+        return None
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(cfg.uri)
+    # /health needs no credentials; urllib would take user:password@ for a port
+    url = urllib.parse.urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), "", "", ""))
+    url = url + parts.path.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - the user's own server
+            if resp.status == 200:
+                _ANSWERED.add(cfg.uri)
+                return None
+            return f"answered {resp.status}"
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return redact_uri(str(getattr(e, "reason", e)))
+
+
+def sync(results: Path, cfg: TrackingConfig) -> tuple[int, int]:
+    """Log every pending record in ``results`` exactly once; (logged, still pending)."""
+    from autoround_exp import record
+    from autoround_exp.store import Store, write_atomic
+
+    store = Store(results)
+    logged = failed = 0
+    for path in store.pending():
+        data = json.loads(path.read_text())
+        try:
+            if data.get("status") == "failed":
+                rec = record.FailureRecord.model_validate(data)
+                run_id = log_failure(cfg, rec)
+            else:
+                rec = record.from_dict(data)
+                run_id = log_run(cfg, rec, store.samples_of(rec.key))
+        except Exception as e:
+            print(f"[pending] {path.name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            failed += 1
+            continue
+        rec.tracking = Tracking(status="logged", run_id=run_id)
+        write_atomic(path, rec.to_json())
+        print(f"[logged] {path.name} mlflow_run={run_id}", flush=True)
+        logged += 1
+    return logged, failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m autoround_exp.tracking",
+        description="sync: log to MLflow every stored run that could not be logged when it finished.",
+    )
+    p.add_argument("command", choices=["sync"])
+    p.add_argument("--results", default="results", help="results folder run.py wrote (default: results)")
+    p.add_argument("--uri", default=TrackingConfig.uri, help=f"MLflow tracking URI (default: {TrackingConfig.uri})")
+    p.add_argument("--experiment", default=TrackingConfig.experiment, help="MLflow experiment name")
+    args = p.parse_args(argv)
+    cfg = TrackingConfig(uri=args.uri, experiment=args.experiment)
+    if (problem := check_reachable(cfg)) is not None:
+        print(f"autoround-exp tracking: {redact_uri(cfg.uri)} does not answer ({problem}); start it first.")
+        return 2
+    logged, failed = sync(Path(args.results), cfg)
+    print(f"[sync] {logged} logged, {failed} still pending")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

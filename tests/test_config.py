@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from autoround_exp.config import ConfigError, validate
@@ -26,8 +27,23 @@ def test_every_option_composes_and_validates(group, option):
         overrides.append("model=qwen3_vl_8b_instruct")  # chartqa needs a vision-language model
     if group == "serve" and option.startswith("vllm"):
         overrides += ["scheme=w8a8", "method=rtn"]  # a scheme vLLM runs on CPU and GPU alike
-    exp = validate(compose_cfg(overrides))
-    assert getattr(exp, group if group not in ("launcher", "report") else "model") is not None
+    cfg = compose_cfg(overrides)
+    # nothing listens on tracking=server's default port here: its door check is test_tracking's
+    exp = validate(cfg, serve_env=not (group == "tracking" and option == "server"))
+    chosen = OmegaConf.load(CONF / group / f"{option}.yaml")
+    if group in ("model", "scheme", "method", "eval"):
+        assert getattr(exp, group).name == option
+    elif group == "serve":
+        assert exp.serve_choice.requested == chosen.backend == option
+        assert exp.serve.backend == option if option != "auto" else exp.serve.backend in ("vllm", "hf")
+    elif group == "tracking":
+        assert (exp.tracking.uri, exp.tracking.artifact_root) == (chosen.uri, chosen.artifact_root)
+    elif group == "report":
+        assert OmegaConf.to_container(cfg.report) == OmegaConf.to_container(chosen)
+    else:
+        launcher = compose_cfg(overrides, hydra=True).hydra.launcher._target_
+        expected = {"local": "BasicLauncher", "submitit_local": "LocalLauncher", "submitit_slurm": "SlurmLauncher"}
+        assert launcher.endswith(expected[option])
 
 
 @pytest.mark.parametrize("sweep", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
@@ -154,13 +170,17 @@ def test_ignore_patterns_as_llm_compressor_reads_them(module, ignore, ignored):
 
 
 def test_credentials_in_the_tracking_uri_are_never_logged_or_stored():
-    exp = validate(compose_cfg(["tracking=server", "tracking.uri=https://alice:s3cret@mlflow.example.org"]))
+    # the config alone (no server there to ask); the door check's own message is masked too
+    exp = validate(compose_cfg(["tracking=server", "tracking.uri=https://alice:s3cret@mlflow.example.org"]), False)
     assert exp.tracking.uri == "https://alice:s3cret@mlflow.example.org"  # used to connect
     assert exp.resolved["tracking"]["uri"] == "https://***@mlflow.example.org"  # logged as params, stored
     assert "s3cret" not in str(exp.resolved)
     with pytest.raises(ConfigError) as err:
         validate(compose_cfg(["tracking.uri=ftp://bob:pw@host/x"]))
     assert "pw" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"http://\*\*\*@127.0.0.1:9 does not answer") as err:
+        validate(compose_cfg(["tracking=server", "tracking.uri=http://alice:s3cret@127.0.0.1:9"]))
+    assert "s3cret" not in str(err.value)
 
 
 def test_slurm_launcher_preset_composes_to_a_gpu_job_array():

@@ -3,6 +3,10 @@ baselines a sweep makes sure of."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from autoround_exp import pipeline, store
 from autoround_exp.config import validate
 from tests.conftest import compose_cfg
@@ -100,16 +104,75 @@ def test_a_copy_of_the_model_and_data_elsewhere_has_the_same_keys_and_a_changed_
     assert keys(*copies[0])[0] != keys()[0]
 
 
-def test_large_local_files_are_identified_by_size_and_edges(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "HASH_WHOLE", 1000)
-    monkeypatch.setattr(store, "HASH_EDGE", 100)
+def test_one_byte_in_the_middle_of_a_large_model_file_changes_the_key(tmp_path):
+    """Every byte counts: a fine-tune that changes only middle tensors of a big file is a new run."""
+    import shutil
+
+    from autoround_exp.assets import asset
+
+    model = shutil.copytree(asset("tiny_llama"), tmp_path / "model")
+    big = model / "extra.safetensors"  # a sparse 100 MB file: no 100 MB written to disk
+    with big.open("wb") as f:
+        f.truncate(100 * 2**20)
+    args = (f"model.path={model}", f"paths.work={tmp_path / 'work'}")
+    before = keys(*args)
+    with big.open("r+b") as f:
+        f.seek(50 * 2**20)
+        f.write(b"\x01")
+    after = keys(*args)
+    assert before[0] != after[0] and before[1] != after[1]
+
+
+def test_content_digests_are_computed_once_and_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    hashed = []
+    real = store._sha256_file
+    monkeypatch.setattr(store, "_sha256_file", lambda p: hashed.append(p.name) or real(p))
     f = tmp_path / "w.bin"
     f.write_bytes(bytes(5000))
-    before = store.content_digest(f)
-    f.write_bytes(bytes(4999) + b"\x01")  # last byte: in the tail edge
-    assert store.content_digest(f) != before
-    f.write_bytes(bytes(5001))  # size
-    assert store.content_digest(f) != before
+    cache_file = tmp_path / "cache" / "digests.json"
+    first = store.DigestCache(cache_file).digest(f)
+    assert store.DigestCache(cache_file).digest(f) == first and hashed == ["w.bin"]  # a new process: cached
+    f.write_bytes(bytes(4999) + b"\x01")
+    assert store.DigestCache(cache_file).digest(f) != first and hashed == ["w.bin", "w.bin"]
+
+
+def fake_hub_cache(root: Path, repo: str, commit: str) -> None:
+    from huggingface_hub.file_download import repo_folder_name
+
+    refs = root / repo_folder_name(repo_id=repo, repo_type="model") / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    (refs / "main").write_text(commit)
+
+
+def test_a_hub_revision_enters_the_key_as_its_commit(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(store, "_revisions", {})
+    repo = "acme/tiny-hub-model"
+    fake_hub_cache(tmp_path, repo, "a" * 40)
+    exp = validate(compose_cfg([f"model.path={repo}"]))
+    assert exp.model.revision == "main"
+    pinned = store.pin_revision(exp)
+    assert pinned.model.revision == "a" * 40 and store.quant_identity(pinned)["revision"] == "a" * 40
+    first = store.keys(pinned)
+
+    fake_hub_cache(tmp_path, repo, "b" * 40)  # the model was updated on the hub, and downloaded again
+    monkeypatch.setattr(store, "_revisions", {})
+    assert store.keys(store.pin_revision(exp)) != first
+    # a commit hash is used as it is
+    assert store.hub_revision(repo, "c" * 40) == "c" * 40
+
+
+def test_a_hub_revision_that_cannot_be_resolved_says_what_to_do(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(store, "_revisions", {})
+    with pytest.raises(store.IdentityError, match="hf download acme/absent.*40-character commit hash"):
+        store.hub_revision("acme/absent", "main")
 
 
 def test_the_two_autoround_paths_are_distinct_runs_sharing_their_baselines():

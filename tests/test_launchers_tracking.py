@@ -53,29 +53,38 @@ def test_submitit_local_runs_two_jobs_in_parallel_processes_into_one_store(tmp_p
     assert b[0] < a[1], f"the two jobs did not overlap: {a}, {b}"
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
+def start_mlflow_server(folder: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A real ``mlflow server`` on 127.0.0.1 with its store in ``folder``, once /health answers."""
+    port = port or free_port()
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     argv = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
-    argv += ["--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"]
-    log = (tmp_path / "server.log").open("w")
+    argv += ["--backend-store-uri", f"sqlite:///{folder / 'server.db'}"]
+    argv += ["--artifacts-destination", str(folder / "server-artifacts"), "--workers", "1"]
+    log = (folder / "server.log").open("a")
     server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                return server, url
+        except OSError:
+            time.sleep(1)
+    stop_mlflow_server(server)
+    raise RuntimeError((folder / "server.log").read_text()[-3000:])
+
+
+def stop_mlflow_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, 15)
+    server.wait(timeout=60)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server, url = start_mlflow_server(tmp_path)
     try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise RuntimeError((tmp_path / "server.log").read_text()[-3000:])
         yield url, tmp_path / "server-artifacts"
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=60)
+        stop_mlflow_server(server)
 
 
 def test_runs_are_logged_over_http_to_a_real_mlflow_server(tmp_path, mlflow_server):
@@ -96,4 +105,4 @@ def test_runs_are_logged_over_http_to_a_real_mlflow_server(tmp_path, mlflow_serv
     assert any(p.name == "record.json" for p in artifacts.rglob("*"))
     assert not (work / "mlflow.db").exists() and not (work / "mlartifacts").exists()
     (rec,) = records(work).values()
-    assert rec["mlflow_run_id"] == run_.info.run_id
+    assert rec["tracking"] == {"status": "logged", "run_id": run_.info.run_id, "error": None}

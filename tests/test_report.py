@@ -36,7 +36,7 @@ def loaded() -> list[runs.Run]:
 
 
 def by_name(loaded) -> dict[str, runs.Run]:
-    return {r.record["name"]: r for r in loaded}
+    return {r.record.name: r for r in loaded}
 
 
 def metric(run: runs.Run, col: str = STRICT) -> float:
@@ -62,7 +62,7 @@ def test_lm_eval_table_is_lm_evals_own_format(loaded):
 
     run = by_name(loaded)["tiny_llama-w4a16-autoround-iters200"]
     table = tables.lm_eval_table(run)
-    assert table == make_table(run.record["lm_eval"]).strip()
+    assert table == make_table(run.record.lm_eval).strip()
     header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
     assert header == ["Tasks", "Version", "Filter", "n-shot", "Metric", "", "Value", "", "Stderr"]
 
@@ -74,14 +74,14 @@ def test_recovery_is_quantized_over_base_and_threshold_marks_it(loaded):
     for row, cells in zip(section.rows, df.to_dict("records"), strict=True):
         rec = row.first.record
         assert cells["strict-match"].startswith(f"{metric(row.first):.4f} ± ")
-        if rec["method"] == "none":
+        if rec.method == "none":
             assert cells["strict-match recovery"] == ""
             continue
         recovery = metric(row.first) / base
         assert cells["strict-match recovery"].startswith(f"{100 * recovery:.1f} %")
         assert cells["strict-match recovery"].endswith("✗") == (recovery < 0.95)
         assert any(row.first.short_label in b for b in below) == (recovery < 0.95)
-        assert cells["Backend"] == "hf" and cells["MLflow run"] == f"`{rec['mlflow_run_id']}`"
+        assert cells["Backend"] == "hf" and cells["MLflow run"] == f"`{rec.mlflow_run_id}`"
 
 
 def test_per_metric_threshold_overrides_the_default(loaded):
@@ -105,7 +105,7 @@ def test_delta_vs_rtn_is_the_paired_mcnemar_test_on_the_same_documents(loaded):
     assert a.mean() == pytest.approx(metric(rtn)) and b.mean() == pytest.approx(metric(ar))
 
     (section,) = runs.sections(loaded)
-    rows = {row.first.record["name"]: row for row in section.rows}
+    rows = {row.first.record.name: row for row in section.rows}
     t = tables.compare(rows["tiny_llama-w4a16-rtn"], rows["tiny_llama-w4a16-autoround-iters200"], STRICT, ALPHA)
     assert t.delta == pytest.approx(metric(ar) - metric(rtn)) and t.p == pytest.approx(expected_p)
     df, _ = tables.comparison_frame(section, tables.Thresholds(), ALPHA)
@@ -131,7 +131,7 @@ def test_paired_rows_split_where_metrics_disagree(tmp_path):
     results = tmp_path / "results"
     shutil.copytree(FIXTURE, results)
     path = next(
-        (results / "samples").glob(f"{by_name(runs.from_store(FIXTURE))['tiny_llama-w4a16-rtn'].record['key']}.json")
+        (results / "samples").glob(f"{by_name(runs.from_store(FIXTURE))['tiny_llama-w4a16-rtn'].record.key}.json")
     )
     samples = json.loads(path.read_text())
     flexible = samples["gsm8k_arith"]["exact_match,flexible-extract"]
@@ -200,7 +200,7 @@ def test_latest_run_of_a_config_replaces_an_older_one(tmp_path):
     old["key"], old["finished_at"], old["mlflow_run_id"] = "older", "2000-01-01T00:00:00", "old-run"
     (results / "runs" / "tiny_llama-base__older.json").write_text(json.dumps(old))
     (section,) = runs.sections(runs.from_store(results))
-    assert section.rows[0].first.record["mlflow_run_id"] != "old-run" and len(section.rows) == 7
+    assert section.rows[0].first.record.mlflow_run_id != "old-run" and len(section.rows) == 7
 
 
 def as_llama_gsm8k(tmp_path: Path, limit: int | None = None) -> list[runs.Run]:
@@ -225,10 +225,8 @@ def test_published_numbers_are_shown_beside_ours_and_labelled(tmp_path):
     (section,) = runs.sections(loaded)
     pub = tables.published_table(section, published())
     lines = [line for line in pub.splitlines() if line.startswith("| NVFP4 AutoRound iters=200")]
-    ours = metric(next(r for r in loaded if r.record["name"] == "tiny_llama-nvfp4-autoround-iters200"))
-    ours_se = tables.value(
-        next(r for r in loaded if r.record["name"] == "tiny_llama-nvfp4-autoround-iters200"), STRICT
-    )[1]
+    ours = metric(next(r for r in loaded if r.record.name == "tiny_llama-nvfp4-autoround-iters200"))
+    ours_se = tables.value(next(r for r in loaded if r.record.name == "tiny_llama-nvfp4-autoround-iters200"), STRICT)[1]
     pub_se = np.sqrt(0.6945 * (1 - 0.6945) / 1318)
     gap = (ours - 0.6945) / np.sqrt(ours_se**2 + pub_se**2)
     strict_line = next(line for line in lines if "strict-match" in line)

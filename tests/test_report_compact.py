@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from autoround_exp.report import compact, readme, runs, tables
+from autoround_exp.store import Store
 from tests.conftest import ROOT
 
 FIXTURE = Path(__file__).parent / "data" / "report" / "results"
@@ -81,15 +82,18 @@ def make_demo_store(tmp_path: Path) -> Path:
     (W4A16 and W8A8 in vLLM, NVFP4 in hf), both AutoRound paths, and a VLM on chartqa."""
     results = tmp_path / "results"
     shutil.copytree(FIXTURE, results)
-    store = runs.from_store(results)
-    by = {r.record["name"]: r for r in store}
+    # the stored JSON, as run.py wrote it (the first record layout: read through its migration)
+    by = {}
+    for path in sorted((results / "runs").glob("*.json")):
+        rec = json.loads(path.read_text())
+        samples = results / "samples" / f"{rec['key']}.json"
+        by[rec["name"]] = (rec, json.loads(samples.read_text()) if samples.is_file() else None)
     n = 0
 
     def add(rec, samples):
         _write(results, rec, samples)
 
-    for name, run in by.items():
-        rec, smp = run.record, run.samples
+    for name, (rec, smp) in by.items():
         if "nvfp4" in name:
             continue
         n += 1
@@ -97,24 +101,24 @@ def make_demo_store(tmp_path: Path) -> Path:
         if name == "tiny_llama-base":
             add(*_variant(rec, smp, "server0", eval__backend="vllm_server", eval__lm_eval_model="local-completions"))
     for iters in (0, 200):
-        rec = by[f"tiny_llama-w4a16-autoround-iters{iters}"]
+        rec, smp = by[f"tiny_llama-w4a16-autoround-iters{iters}"]
         native, smp = _variant(
-            rec.record, rec.samples, f"native{iters}", eval__backend="vllm", method="autoround_native"
+            rec, smp, f"native{iters}", eval__backend="vllm", eval__lm_eval_model="vllm", method="autoround_native"
         )
         native["name"] = f"tiny_llama-w4a16-autoround_native-iters{iters}"
         native["checkpoint_name"] = "TinyLlama-Arith-W4A16-G128-AutoRound-native"
         add(native, smp)
-    rtn = by["tiny_llama-w4a16-rtn"]
+    rtn, rtn_smp = by["tiny_llama-w4a16-rtn"]
     for backend in ("vllm", "vllm_server"):
         model = "vllm" if backend == "vllm" else "local-completions"
         w8, smp = _variant(
-            rtn.record, rtn.samples, f"w8a8{backend}", eval__backend=backend, eval__lm_eval_model=model, scheme="w8a8"
+            rtn, rtn_smp, f"w8a8{backend}", eval__backend=backend, eval__lm_eval_model=model, scheme="w8a8"
         )
         w8["name"], w8["config"]["scheme"]["preset"] = "tiny_llama-w8a8-rtn", "W8A8"
         w8["checkpoint_name"] = "TinyLlama-Arith-W8A8-RTN"
         add(w8, smp)
-    for i, run in enumerate(store):
-        add(*_chartqa(run.record, run.samples, f"vlm{i}"))
+    for i, (rec, smp) in enumerate(by.values()):
+        add(*_chartqa(rec, smp, f"vlm{i}"))
     return results
 
 
@@ -204,8 +208,8 @@ def test_backend_hardware_and_versions_are_a_caption_when_all_rows_agree(tmp_pat
 def test_no_run_ids_times_or_dates_and_regenerating_changes_no_byte(demo_store):
     block = block_of(demo_store)
     assert block_of(demo_store) == block
-    for rec in (json.loads(p.read_text()) for p in (demo_store / "runs").glob("*.json")):
-        assert rec["mlflow_run_id"] not in block and rec["finished_at"][:10] not in block
+    for rec in Store(demo_store).records():
+        assert rec.mlflow_run_id not in block and rec.finished_at[:10] not in block
     assert not re.search(r"\b\d+(\.\d+)? (s|min)\b", block)
 
 
@@ -221,9 +225,7 @@ def test_short_p_values(demo_store):
 def test_console_summary_shows_only_the_runs_a_sweep_touched(demo_store):
     loaded = runs.from_store(demo_store)
     keys = {
-        r.record["key"]
-        for r in loaded
-        if r.record["scheme"] in (None, "w4a16") and r.record["method"] != "autoround_native"
+        r.record.key for r in loaded if r.record.scheme in (None, "w4a16") and r.record.method != "autoround_native"
     }
     keys = {k for k in keys if not k.startswith("vlm")}
     text = block_of(demo_store, keys=keys, details=False)
@@ -259,19 +261,16 @@ def check_block_against_records(block: str, loaded: list[runs.Run]) -> int:
                     col = groups[name]  # recovery and Δ vs RTN that follow belong to this metric
                 if not cell or name == "Config" or name in compact.FACTS:
                     continue
-                metric, filt = col.split(",", 1)
-                stored = next(m for m in rec["table"] if (m["metric"], m["filter"]) == (metric, filt))
+                stored = rec.metric(col)
                 nums = [float(x.replace("−", "-")) for x in NUMBER.findall(cell)]
                 if name == "recovery":
-                    base = tables.baseline_of(section, row).first.record
-                    base_value = next(m for m in base["table"] if (m["metric"], m["filter"]) == (metric, filt))["value"]
-                    assert nums[0] == pytest.approx(100 * stored["value"] / base_value, abs=0.051), (name, cell)
+                    base_value = tables.baseline_of(section, row).first.record.metric(col).value
+                    assert nums[0] == pytest.approx(100 * stored.value / base_value, abs=0.051), (name, cell)
                 elif name == "Δ vs RTN":
-                    rtn = tables.rtn_of(section, row).first.record
-                    rtn_value = next(m for m in rtn["table"] if (m["metric"], m["filter"]) == (metric, filt))["value"]
-                    assert nums[0] == pytest.approx(stored["value"] - rtn_value, abs=0.00051), (name, cell)
+                    rtn_value = tables.rtn_of(section, row).first.record.metric(col).value
+                    assert nums[0] == pytest.approx(stored.value - rtn_value, abs=0.00051), (name, cell)
                 else:
-                    assert nums[:2] == pytest.approx([stored["value"], stored["stderr"]], abs=0.000051), (name, cell)
+                    assert nums[:2] == pytest.approx([stored.value, stored.stderr], abs=0.000051), (name, cell)
                 checked += 1
     # upstream-shaped tables: lm-eval's own rendering of each stored record
     for heading, table in re.findall(r"^#### (.+)\n((?:\|.*\n?)+)", block, flags=re.M):

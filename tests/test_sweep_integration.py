@@ -161,10 +161,15 @@ def test_sweep_end_regenerates_the_report_and_the_readme_block(sweep):
     head, tail = README.split("<!-- results:end -->")
     assert readme.startswith(head.split("<!-- results:begin -->")[0] + "<!-- results:begin -->\n")
     assert readme.endswith("<!-- results:end -->" + tail)
+    report = (workdir / "results" / "report.md").read_text()
     for rec in records(workdir).values():
-        # every number traceable to its MLflow run
-        assert f"`{rec['mlflow_run_id']}`" in readme
+        # every number traceable to its MLflow run in the full report; the README block has no run ids
+        run_id = rec["tracking"]["run_id"]
+        assert rec["tracking"]["status"] == "logged" and f"`{run_id}`" in report and run_id not in readme
         assert f"{rec['metrics']['gsm8k_arith/exact_match/strict-match']:.4f} ±" in readme
+    # the end of the sweep on the console: the short table of what it touched, then the counts
+    out = proc.stdout
+    assert out.index("| base (unquantized)") < out.index("| W4A16 AutoRound iters=4") < out.index("[sweep] ")
     for heading in (
         "#### TinyLlama-Arith (unquantized)",
         "#### TinyLlama-Arith-W4A16-G128-RTN (QuantizationModifier)",

@@ -95,21 +95,21 @@ def column_groups(section: Section, rows: list[Row], thresholds: tables.Threshol
 
 
 def _versions(run: Run) -> str:
-    v = run.record.get("versions") or {}
+    v = run.record.versions
     return ", ".join(f"{LIB_NAMES.get(k, k)} {v[k]}" for k in QUANT_LIBS if v.get(k))
 
 
 def _scorer(run: Run) -> str:
-    ev = run.record["eval"]
-    p = ev.get("platform") or {}
-    text = f"`{ev['backend']}` (lm-eval `{ev['lm_eval_model']}` {p.get('lm_eval') or ''}".rstrip()
-    if p.get("vllm"):
-        text += f", vLLM {p['vllm']}"
+    ev = run.record.eval
+    p = ev.platform
+    text = f"`{ev.backend}` (lm-eval `{ev.lm_eval_model}` {p.lm_eval or ''}".rstrip()
+    if p.vllm:
+        text += f", vLLM {p.vllm}"
     return text + ")"
 
 
 def _task_version(run: Run) -> str:
-    versions = run.record["eval"].get("task_versions") or {}
+    versions = run.record.eval.task_versions
     return ", ".join(f"{task} v{v:g}" if isinstance(v, float) else f"{task} v{v}" for task, v in versions.items())
 
 
@@ -139,7 +139,7 @@ class CompactSection:
                 cells += list(g.cells[i])
             for name in varying:
                 if name == "Backend":
-                    cells.append(row.first.config[3] + (" ⚠" if row.first.record["eval"].get("note") else ""))
+                    cells.append(row.first.config[3] + (" ⚠" if row.first.record.eval.note else ""))
                 else:
                     cells.append(FACTS[name](row.first))
             body.append(cells)
@@ -171,7 +171,7 @@ class CompactSection:
         text = " ".join(parts)
         if shared.get("Task"):
             text += f"; task {shared['Task']}"
-        if shared.get("Quantized with") and any(r.first.record["method"] != "none" for r in self.rows):
+        if shared.get("Quantized with") and any(r.first.record.method != "none" for r in self.rows):
             text += f"; quantized with {shared['Quantized with']}"
         configs = {r.first.config[:3] for r in self.rows}
         hidden = [r for r in self.section.rows if r.first.config[:3] in configs and all(r is not s for s in self.rows)]
@@ -187,8 +187,8 @@ class CompactSection:
         out = [g.note for g in self.groups if g.note]
         if len({r.first.config[3] for r in self.rows}) > 1:
             out.append("Recovery and Δ vs RTN compare runs scored by the same backend.")
-        caveats = {r.first.record["eval"]["note"] for r in self.rows if r.first.record["eval"].get("note")}
-        caveats |= {w for r in self.rows if (w := (r.first.record["eval"].get("bos") or {}).get("warning"))}
+        caveats = {r.first.record.eval.note for r in self.rows if r.first.record.eval.note}
+        caveats |= {w for r in self.rows if (w := r.first.record.eval.bos_warning)}
         return out + [f"⚠ {c}" for c in sorted(caveats)]
 
 
@@ -198,7 +198,7 @@ def compact(
     """The section's short table; with ``keys``, only the rows of those runs (None if none)."""
     rows = shown_rows(section)
     if keys is not None:
-        rows = [r for r in rows if any(run.record["key"] in keys for run in r.runs)]
+        rows = [r for r in rows if any(run.record.key in keys for run in r.runs)]
     if not rows:
         return None
     below = [

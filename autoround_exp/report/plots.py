@@ -35,7 +35,7 @@ def accuracy_vs_iters(section: Section, path: Path, write: bool = True) -> Path 
             points = [(r.first.config[2], tables.row_value(r, col)) for r in rows]
             points = [(x, v) for x, v in points if v is not None]
             path_name = " (auto-round API)" if method == "autoround_native" else ""
-            label = f"{rows[0].first.record['config']['scheme']['preset']} AutoRound{path_name} ({backend})"
+            label = f"{rows[0].first.record.scheme_preset} AutoRound{path_name} ({backend})"
             ax.errorbar(
                 [x for x, _ in points],
                 [v[0] for _, v in points],

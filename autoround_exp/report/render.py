@@ -61,8 +61,8 @@ def render(
         table, below = tables.comparison_table(section, thresholds, alpha)
         report.below_threshold += below
         parts.append(table)
-        notes = {r.first.record["eval"]["note"] for r in section.rows if r.first.record["eval"].get("note")}
-        notes |= {w for r in section.rows if (w := (r.first.record["eval"].get("bos") or {}).get("warning"))}
+        notes = {r.first.record.eval.note for r in section.rows if r.first.record.eval.note}
+        notes |= {w for r in section.rows if (w := r.first.record.eval.bos_warning)}
         parts += [f"⚠ {n}" for n in sorted(notes)]
         if (paired := tables.paired_table(section, alpha)) is not None:
             parts += ["Paired comparisons:", paired]
@@ -81,8 +81,8 @@ def render(
             by = f" — {run.config[3]}" if len(backends) > 1 else ""
             parts.append(f"#### {run.label}{by}")
             parts.append(
-                f"Scored by `{rec['eval']['backend']}` (lm-eval `{rec['eval']['lm_eval_model']}`) on "
-                f"{tables.hardware(run)}; MLflow run `{rec['mlflow_run_id']}`{seeds}."
+                f"Scored by `{rec.eval.backend}` (lm-eval `{rec.eval.lm_eval_model}`) on "
+                f"{tables.hardware(run)}; MLflow run `{rec.mlflow_run_id}`{seeds}."
             )
             parts.append(tables.lm_eval_table(run))
     report.markdown = "\n\n".join(parts) + "\n"

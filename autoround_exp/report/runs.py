@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from autoround_exp import record
+from autoround_exp.record import RunRecord
 from autoround_exp.store import Store
 
 METHOD_ORDER = {"none": 0, "rtn": 1, "autoround": 2, "autoround_native": 3}
@@ -25,69 +27,69 @@ class SectionKey(NamedTuple):
 
 @dataclass
 class Run:
-    record: dict
+    record: RunRecord
     samples: dict | None  # per-document scores (lmeval_results.per_sample), if stored
 
     @property
     def config(self) -> tuple:
         """What a table row is: the recipe and the backend that scored it (seeds aggregate)."""
         r = self.record
-        return (r["scheme"], r["method"], r["iters"], r["eval"]["backend"])
+        return (r.scheme, r.method, r.iters, r.eval.backend)
 
     @property
     def section(self) -> tuple:
         """One table per model x eval setting: numbers from other settings are not comparable."""
-        r, ev = self.record, self.record["config"]["eval"]
+        r, ev = self.record, self.record.eval_settings
         return SectionKey(
-            r["model"]["display_name"],
-            r["model"]["path"],
-            r["eval"]["task"],
-            ev["num_fewshot"],
-            ev["limit"],
-            ev["add_bos_token"],
-            ev["apply_chat_template"],
+            r.model.display_name,
+            r.model.path,
+            r.eval.task,
+            ev.num_fewshot,
+            ev.limit,
+            ev.add_bos_token,
+            ev.apply_chat_template,
         )
 
     @property
     def seed(self) -> int | None:
-        return self.record.get("seed")
+        return self.record.seed
 
     @property
     def label(self) -> str:
         """Upstream's heading: <Model>-<SCHEME>-AutoRound (AutoRoundModifier, iters=200)."""
         r = self.record
-        if r["method"] == "none":
-            return f"{r['checkpoint_name']} (unquantized)"
-        if r["method"] == "rtn":
-            return f"{r['checkpoint_name']} (QuantizationModifier)"
-        if r["method"] == "autoround":
-            return f"{r['checkpoint_name']} (AutoRoundModifier, iters={r['iters']})"
-        if r["method"] == "autoround_native":
-            return f"{r['checkpoint_name']} (auto-round's AutoRound API, iters={r['iters']})"
-        return f"{r['checkpoint_name']} ({r['method']})"
+        if r.method == "none":
+            return f"{r.checkpoint_name} (unquantized)"
+        if r.method == "rtn":
+            return f"{r.checkpoint_name} (QuantizationModifier)"
+        if r.method == "autoround":
+            return f"{r.checkpoint_name} (AutoRoundModifier, iters={r.iters})"
+        if r.method == "autoround_native":
+            return f"{r.checkpoint_name} (auto-round's AutoRound API, iters={r.iters})"
+        return f"{r.checkpoint_name} ({r.method})"
 
     @property
     def short_label(self) -> str:
         r = self.record
-        scheme = r["config"]["scheme"]["preset"]
-        if r["method"] == "none":
+        scheme = r.scheme_preset
+        if r.method == "none":
             return "base (unquantized)"
-        if r["method"] == "rtn":
+        if r.method == "rtn":
             return f"{scheme} RTN"
-        if r["method"] == "autoround":
-            return f"{scheme} AutoRound iters={r['iters']}"
-        if r["method"] == "autoround_native":
-            return f"{scheme} auto-round API iters={r['iters']}"
-        return f"{scheme} {r['method']}"
+        if r.method == "autoround":
+            return f"{scheme} AutoRound iters={r.iters}"
+        if r.method == "autoround_native":
+            return f"{scheme} auto-round API iters={r.iters}"
+        return f"{scheme} {r.method}"
 
     def sort_key(self) -> tuple:
         r = self.record
         return (
-            r["method"] != "none",
-            r["scheme"] or "",
-            METHOD_ORDER.get(r["method"], 9),
-            r["iters"] if r["iters"] is not None else -1,
-            BACKEND_ORDER.get(r["eval"]["backend"], 9),
+            r.method != "none",
+            r.scheme or "",
+            METHOD_ORDER.get(r.method, 9),
+            r.iters if r.iters is not None else -1,
+            BACKEND_ORDER.get(r.eval.backend, 9),
             self.seed if self.seed is not None else -1,
         )
 
@@ -111,8 +113,8 @@ class Section:
     @property
     def title(self) -> str:
         k = self.key
-        first = self.rows[0].first.record["table"]
-        n = first[0]["n_samples"] if first else None
+        first = self.rows[0].first.record.table
+        n = first[0].n_samples if first else None
         scope = f"first {k.limit} documents" if k.limit else f"all {n} documents" if n else "whole test set"
         extras = [f"add_bos_token={k.add_bos_token}"] + (["chat template"] if k.apply_chat_template else [])
         return f"{k.model} — {k.task}, {k.num_fewshot}-shot, {scope} ({', '.join(extras)})"
@@ -130,7 +132,7 @@ class Section:
 
 def from_store(results_dir: str | Path) -> list[Run]:
     store = Store(results_dir)
-    return [Run(rec, store.samples_of(rec["key"])) for rec in store.records()]
+    return [Run(rec, store.samples_of(rec.key)) for rec in store.records()]
 
 
 def from_mlflow(uri: str, experiment: str) -> list[Run]:
@@ -146,12 +148,13 @@ def from_mlflow(uri: str, experiment: str) -> list[Run]:
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         if "record.json" not in names:
             continue  # not a run of run.py (e.g. the report's own run)
-        record = json.loads(Path(client.download_artifacts(run.info.run_id, "record.json")).read_text())
-        record["mlflow_run_id"] = run.info.run_id
+        data = json.loads(Path(client.download_artifacts(run.info.run_id, "record.json")).read_text())
+        rec = record.from_dict(data)
+        rec.tracking = record.Tracking(status="logged", run_id=run.info.run_id)
         samples = None
         if "samples.json" in names:
             samples = json.loads(Path(client.download_artifacts(run.info.run_id, "samples.json")).read_text())
-        out.append(Run(record, samples))
+        out.append(Run(rec, samples))
     return out
 
 
@@ -160,7 +163,7 @@ def latest(runs: list[Run]) -> list[Run]:
     best: dict[tuple, Run] = {}
     for run in runs:
         k = (run.section, run.config, run.seed)
-        if k not in best or run.record["finished_at"] > best[k].record["finished_at"]:
+        if k not in best or run.record.finished_at > best[k].record.finished_at:
             best[k] = run
     return list(best.values())
 
@@ -182,24 +185,24 @@ def frame(runs: list[Run]):
     rows = []
     for run in runs:
         r = run.record
-        for m in r["table"]:
+        for m in r.table:
             rows.append(
                 {
-                    "model": r["model"]["display_name"],
+                    "model": r.model.display_name,
                     "config": run.short_label,
-                    "scheme": r["scheme"],
-                    "method": r["method"],
-                    "iters": r["iters"],
+                    "scheme": r.scheme,
+                    "method": r.method,
+                    "iters": r.iters,
                     "seed": run.seed,
-                    "backend": r["eval"]["backend"],
-                    "task": m["task"],
-                    "metric": m["metric"],
-                    "filter": m["filter"],
-                    "value": m["value"],
-                    "stderr": m["stderr"],
-                    "n": m["n_samples"],
-                    "limit": r["config"]["eval"]["limit"],
-                    "mlflow_run_id": r["mlflow_run_id"],
+                    "backend": r.eval.backend,
+                    "task": m.task,
+                    "metric": m.metric,
+                    "filter": m.filter,
+                    "value": m.value,
+                    "stderr": m.stderr,
+                    "n": m.n_samples,
+                    "limit": r.eval_settings.limit,
+                    "mlflow_run_id": r.mlflow_run_id,
                 }
             )
     return pd.DataFrame(rows)

@@ -26,24 +26,22 @@ def lm_eval_table(run: Run) -> str:
     """lm-eval's own table (Tasks | Version | Filter | n-shot | Metric | Value | ± Stderr)."""
     from lm_eval.utils import make_table
 
-    return make_table(run.record["lm_eval"]).strip()
+    return make_table(run.record.lm_eval).strip()
 
 
 def columns(section: Section) -> list[str]:
     """The section's metrics as lm-eval names them (``exact_match,strict-match``), in table order."""
     seen: dict[str, None] = {}
     for row in section.rows:
-        for m in row.first.record["table"]:
-            seen.setdefault(f"{m['metric']},{m['filter']}", None)
+        for m in row.first.record.table:
+            seen.setdefault(m.column, None)
     return list(seen)
 
 
 def value(run: Run, column: str) -> tuple[float, float | None] | None:
     metric, filt = column.split(",", 1)
-    for m in run.record["table"]:
-        if m["metric"] == metric and m["filter"] == filt:
-            return m["value"], m["stderr"]
-    return None
+    m = run.record.metric(column)
+    return (m.value, m.stderr) if m is not None else None
 
 
 def row_value(row: Row, column: str) -> tuple[float, float | None, int] | None:
@@ -64,7 +62,7 @@ def mean(row: Row, column: str) -> float | None:
 
 def baseline_of(section: Section, row: Row) -> Row | None:
     """The unquantized row scored by the same backend (else any unquantized row)."""
-    bases = [r for r in section.rows if r.first.record["method"] == "none"]
+    bases = [r for r in section.rows if r.first.record.method == "none"]
     same = [r for r in bases if r.first.config[3] == row.first.config[3]]
     return (same or bases or [None])[0]
 
@@ -77,7 +75,7 @@ def rtn_of(section: Section, row: Row) -> Row | None:
 def compare(a: Row, b: Row, column: str, alpha: float) -> stats.Paired | None:
     """Paired test of b against a on the documents both scored (their first seeds)."""
     ra, rb = a.first, b.first
-    task = ra.record["eval"]["task"]
+    task = ra.record.eval.task
     sa, sb = (ra.samples or {}).get(task), (rb.samples or {}).get(task)
     if not sa or not sb or column not in sa or column not in sb:
         return None
@@ -90,15 +88,15 @@ def comparisons(section: Section) -> list[tuple[str, Row, Row]]:
     out = []
     for row in section.rows:
         r = row.first.record
-        if r["method"] == "none":
+        if r.method == "none":
             continue
         base = baseline_of(section, row)
         if base is not None:
             out.append(("quantized vs base", base, row))
-        if r["method"] != "rtn" and (rtn := rtn_of(section, row)) is not None:
+        if r.method != "rtn" and (rtn := rtn_of(section, row)) is not None:
             out.append(("vs RTN", rtn, row))
     for method in AUTOROUND_METHODS:
-        tuned = [row for row in section.rows if row.first.record["method"] == method]
+        tuned = [row for row in section.rows if row.first.record.method == method]
         for a, b in zip(tuned, tuned[1:], strict=False):
             (sa, _, ia, ba), (sb, _, ib, bb) = a.first.config, b.first.config
             if (sa, ba) == (sb, bb) and ia != ib:
@@ -132,10 +130,10 @@ def value_cell(row: Row, column: str) -> str:
 
 
 def hardware(run: Run) -> str:
-    p = run.record["eval"]["platform"]
-    if p.get("cuda"):
-        return f"{p['device_name']} (cc {p['compute_capability']})"
-    return "CPU" + (f" ({'/'.join(p['cpu_isa'])})" if p.get("cpu_isa") else "")
+    p = run.record.eval.platform
+    if p.cuda:
+        return f"{p.device_name} (cc {p.compute_capability})"
+    return "CPU" + (f" ({'/'.join(p.cpu_isa)})" if p.cpu_isa else "")
 
 
 def duration(seconds: float | None) -> str:
@@ -155,7 +153,7 @@ def column_name(column: str) -> str:
 def recovery_cell(section: Section, row: Row, column: str, thresholds: Thresholds) -> tuple[str, bool]:
     """Recovery vs the unquantized run of the same backend, and whether it is below threshold."""
     base = baseline_of(section, row)
-    if row.first.record["method"] == "none" or base is None or not mean(base, column):
+    if row.first.record.method == "none" or base is None or not mean(base, column):
         return "", False
     mine = mean(row, column)
     if mine is None:
@@ -175,7 +173,7 @@ def short_p(t: stats.Paired) -> str:
 def delta_cell(section: Section, row: Row, column: str, alpha: float, short: bool = False) -> str:
     """Δ vs the RTN run of the same scheme and backend, with its paired test."""
     rtn = rtn_of(section, row)
-    if row.first.record["method"] in ("none", "rtn") or rtn is None:
+    if row.first.record.method in ("none", "rtn") or rtn is None:
         return ""
     digits = 3 if short else 4
     t = compare(rtn, row, column, alpha)
@@ -206,12 +204,12 @@ def comparison_frame(section: Section, thresholds: Thresholds, alpha: float) -> 
                 below.append(f"{section.key.model} {run.short_label} ({run.config[3]}): {name} {rec_cell}")
             out[f"{name} recovery"] = rec_cell
             out[f"{name} Δ vs RTN"] = delta_cell(section, row, col, alpha)
-        q = rec.get("quantization") or {}
-        out["Quant time"] = duration(q.get("oneshot_seconds"))
-        out["Checkpoint"] = f"{q['size_mb']:.1f} MB" if q.get("size_mb") is not None else ""
-        out["Backend"] = rec["eval"]["backend"] + (" ⚠" if rec["eval"].get("note") else "")
+        q = rec.quantization
+        out["Quant time"] = duration(q.oneshot_seconds) if q else ""
+        out["Checkpoint"] = f"{q.size_mb:.1f} MB" if q else ""
+        out["Backend"] = rec.eval.backend + (" ⚠" if rec.eval.note else "")
         out["Hardware"] = hardware(run)
-        out["MLflow run"] = ", ".join(f"`{r.record['mlflow_run_id']}`" for r in row.runs if r.record["mlflow_run_id"])
+        out["MLflow run"] = ", ".join(f"`{r.record.mlflow_run_id}`" for r in row.runs if r.record.mlflow_run_id)
         rows.append(out)
     return pd.DataFrame(rows), below
 
@@ -285,6 +283,4 @@ def matches(entry: dict, section: Section, rec: dict) -> bool:
     k = section.key
     if (entry["model"], entry["task"], entry["num_fewshot"]) != (k.path, k.task, k.num_fewshot) or k.limit:
         return False
-    return (
-        entry["method"] == rec["method"] and entry.get("scheme") == rec["scheme"] and entry.get("iters") == rec["iters"]
-    )
+    return entry["method"] == rec.method and entry.get("scheme") == rec.scheme and entry.get("iters") == rec.iters

@@ -1,0 +1,228 @@
+"""The run record: what a finished (or failed) job stores, typed and versioned.
+
+Built in ``pipeline``, written and read only here; the store, MLflow logging, the report
+and the notebook read its fields. Records of the first layout (no ``schema_version``, the
+experiment's facts only inside the resolved ``config``) are migrated when read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 2
+
+
+class _Strict(BaseModel):
+    # A field the writer misspells fails at once, not in a report months later.
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Open(BaseModel):
+    # What other programs report (lm-eval, vLLM's probe, the quantize child) may grow fields.
+    model_config = ConfigDict(extra="allow")
+
+
+class ModelRef(_Strict):
+    name: str
+    path: str
+    display_name: str
+    # The hub commit the weights came from (a hub id's revision resolved), None for a local folder.
+    revision: str | None = None
+
+
+class Calibration(_Open):
+    source: str
+    nsamples: int
+    seqlen: int
+    mode: str
+    seed: int
+    text_column: str | None = None
+    texts_read: int | None = None
+    token_sha256: str | None = None
+
+
+class Quantization(_Open):
+    checkpoint: str
+    oneshot_seconds: float
+    total_seconds: float
+    peak_memory_gb: float
+    memory_kind: str
+    device: str
+    size_mb: float
+    calibration: Calibration | None = None
+    recipe: str
+
+
+class Platform(_Open):
+    """The serve environment's probe: versions and device of the process that scored."""
+
+    lm_eval: str | None = None
+    torch: str | None = None
+    vllm: str | None = None
+    transformers: str | None = None
+    compressed_tensors: str | None = None
+    cuda: bool = False
+    device_name: str | None = None
+    compute_capability: Any = None
+    cpu_isa: list[str] = Field(default_factory=list)
+
+
+class EvalSettings(_Strict):
+    """What of the eval config decides which numbers may share a table."""
+
+    num_fewshot: int
+    limit: int | None = None
+    add_bos_token: bool
+    apply_chat_template: bool
+
+
+class Evaluation(_Open):
+    task: str
+    backend: str
+    backend_requested: str | None = None
+    backend_reason: str | None = None
+    note: str | None = None
+    lm_eval_model: str
+    device: str | None = None
+    platform: Platform = Field(default_factory=Platform)
+    kernels: list[str] = Field(default_factory=list)
+    bos: dict | None = None
+    server_command: list[str] | None = None
+    seconds: float | None = None
+    task_versions: dict[str, Any] = Field(default_factory=dict)
+    results_json: str | None = None
+    command: list[str] | None = None
+
+    @property
+    def bos_warning(self) -> str | None:
+        return (self.bos or {}).get("warning")
+
+
+class MetricRow(_Strict):
+    """One line of lm-eval's table."""
+
+    task: str
+    metric: str
+    filter: str
+    value: float
+    stderr: float | None = None
+    version: str | None = None
+    n_shot: int | None = None
+    n_samples: int | None = None
+
+    @property
+    def column(self) -> str:
+        return f"{self.metric},{self.filter}"
+
+
+class Tracking(_Strict):
+    """Whether the run is in MLflow yet: ``pending`` runs are logged by ``tracking sync``."""
+
+    status: Literal["logged", "pending", "disabled"] = "disabled"
+    run_id: str | None = None
+    error: str | None = None
+
+
+class RunRecord(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    key: str
+    quant_key: str
+    sweep_id: str
+    finished_at: str
+    model: ModelRef
+    scheme: str | None  # the scheme config's name (None: unquantized)
+    scheme_preset: str | None  # llm-compressor's preset name, as tables show it (NVFP4, W4A16)
+    method: str
+    iters: int | None
+    seed: int | None = None
+    checkpoint: str
+    checkpoint_name: str
+    quantization: Quantization | None = None
+    calibration: Calibration | None = None
+    eval: Evaluation
+    eval_settings: EvalSettings
+    metrics: dict[str, float]
+    table: list[MetricRow]
+    lm_eval: dict  # lm-eval's own results block (make_table renders it)
+    versions: dict[str, str | None]
+    config: dict  # the whole resolved config, for people and MLflow params; code reads the fields
+    tracking: Tracking = Field(default_factory=Tracking)
+    # what MLflow gets beside the record: lm-eval outputs, logs, checkpoint files
+    artifacts: dict[str, list[str]] = Field(default_factory=dict)
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return self.tracking.run_id
+
+    def metric(self, column: str) -> MetricRow | None:
+        return next((m for m in self.table if m.column == column), None)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+
+class FailureRecord(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    key: str
+    quant_key: str
+    sweep_id: str
+    status: Literal["failed"] = "failed"
+    failed_at: str
+    error: str
+    logs: list[str]
+    backend: str
+    backend_reason: str | None = None
+    config: dict
+    tracking: Tracking = Field(default_factory=Tracking)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+
+class RecordError(ValueError):
+    """A stored record this version cannot read; the message says how to regenerate it."""
+
+
+def migrate(data: dict) -> dict:
+    """A record of any earlier layout in the current one."""
+    version = data.get("schema_version", 1)
+    if version > SCHEMA_VERSION:
+        raise RecordError(
+            f"record {data.get('name')} has schema_version {version}, newer than this harness reads "
+            f"({SCHEMA_VERSION}); update autoround-exp."
+        )
+    if version == 1:
+        data = dict(data)
+        config = data.get("config") or {}
+        ev = config.get("eval") or {}
+        data["scheme_preset"] = (config.get("scheme") or {}).get("preset") if data.get("scheme") else None
+        data["eval_settings"] = {k: ev.get(k) for k in ("num_fewshot", "limit", "add_bos_token", "apply_chat_template")}
+        run_id = data.pop("mlflow_run_id", None)
+        data["tracking"] = {"status": "logged" if run_id else "disabled", "run_id": run_id}
+        data["schema_version"] = SCHEMA_VERSION
+    return data
+
+
+def from_dict(data: dict) -> RunRecord:
+    try:
+        return RunRecord.model_validate(migrate(data))
+    except RecordError:
+        raise
+    except Exception as e:
+        raise RecordError(
+            f"record {data.get('name')} ({data.get('key')}) does not read as a run record ({e}); "
+            "delete it and re-run its job, or re-run with force=true."
+        ) from e
+
+
+def load(path: Path) -> RunRecord:
+    try:
+        return from_dict(json.loads(path.read_text()))
+    except RecordError as e:
+        raise RecordError(f"{path}: {e}") from e

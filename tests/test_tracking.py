@@ -1,0 +1,92 @@
+"""Tracking never costs finished work: a server that is down is refused at the door in
+seconds; a record that cannot be logged is kept as pending; ``tracking sync`` logs each
+pending record exactly once (real MLflow, SQLite store)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from autoround_exp import tracking
+from autoround_exp.config import TrackingConfig
+from autoround_exp.store import Store
+from tests.conftest import ROOT
+
+FIXTURE = Path(__file__).parent / "data" / "report" / "results"
+DEAD = "http://127.0.0.1:9"  # the discard port: nothing listens there
+
+
+def test_a_tracking_server_that_is_down_is_refused_at_the_door_naming_it(tmp_path):
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "tracking=server", f"tracking.uri={DEAD}", "method=rtn", "scheme=w8a8"]
+        + [f"paths.results={tmp_path / 'results'}", f"paths.work={tmp_path / 'work'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"tracking.uri={DEAD} does not answer" in proc.stderr and "mlflow server" in proc.stderr
+    assert elapsed < 10, elapsed
+    assert not (tmp_path / "results").exists() and not (tmp_path / "work").exists()
+
+
+def pending_store(tmp_path: Path) -> Path:
+    """The fixture's runs as a store whose records could not be logged when they finished."""
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    store = Store(results)
+    for rec in store.records():
+        rec.tracking = tracking.Tracking(status="pending", error="ConnectionError: down")
+        store.save(rec)
+    return results
+
+
+def test_logging_that_fails_keeps_the_record_as_pending_in_seconds(tmp_path, capsys):
+    rec = Store(FIXTURE).records()[0]
+    t0 = time.monotonic()
+    out = tracking.log_or_defer(TrackingConfig(uri=DEAD), rec, None)
+    assert time.monotonic() - t0 < 30
+    assert out.tracking.status == "pending" and out.tracking.run_id is None and out.tracking.error
+    assert "tracking sync" in capsys.readouterr().out
+
+
+def test_sync_logs_each_pending_record_once(tmp_path):
+    import mlflow
+
+    results = pending_store(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = TrackingConfig(uri=uri, artifact_root=str(tmp_path / "mlartifacts"))
+    assert len(Store(results).pending()) == 7
+    assert tracking.sync(results, cfg) == (7, 0)
+    assert Store(results).pending() == []
+    recs = Store(results).records()
+    assert {r.tracking.status for r in recs} == {"logged"}
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("autoround-exp").experiment_id])
+    assert sorted(r.data.tags["run_key"] for r in runs) == sorted(r.key for r in recs)
+    assert {r.info.run_id for r in runs} == {r.mlflow_run_id for r in recs}
+    # the record MLflow holds is the logged one
+    logged = json.loads(Path(client.download_artifacts(recs[0].mlflow_run_id, "record.json")).read_text())
+    assert logged["tracking"]["run_id"] == recs[0].mlflow_run_id
+
+    # once: a second sync has nothing to do, and a record marked pending again is not logged twice
+    assert tracking.sync(results, cfg) == (0, 0)
+    rec, first_id = recs[0], recs[0].mlflow_run_id
+    rec.tracking = tracking.Tracking(status="pending")
+    Store(results).save(rec)
+    assert tracking.sync(results, cfg) == (1, 0)
+    assert len(client.search_runs([runs[0].info.experiment_id])) == 7
+    assert Store(results).find(rec.key).mlflow_run_id == first_id
+
+
+def test_sync_command_refuses_a_server_that_is_down(tmp_path):
+    results = pending_store(tmp_path)
+    assert tracking.main(["sync", "--results", str(results), "--uri", DEAD]) == 2
+    assert len(Store(results).pending()) == 7
