@@ -16,7 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from autoround_exp.config import ConfigError, register_configs, validate
+from autoround_exp import progress
+from autoround_exp.config import ConfigError, at_the_door, register_configs, validate
 
 
 def sweep_id() -> str:
@@ -30,15 +31,17 @@ def sweep_id() -> str:
 def main(cfg: DictConfig) -> None:
     started = time.time()
     try:
-        exp = validate(cfg)
+        exp = at_the_door(validate(cfg))
     except ConfigError as e:
         print(f"autoround-exp: {e}", file=sys.stderr)
         sys.exit(2)
     from autoround_exp.pipeline import run_experiment  # heavy imports only after validation
 
-    outcomes = run_experiment(exp, sweep_id())
     hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:
+    multirun = hc.mode == RunMode.MULTIRUN
+    progress.set_job(hc.job.num if multirun else 0, hc.sweep.dir if multirun else None, started)
+    outcomes = run_experiment(exp, sweep_id())
+    if multirun:
         from autoround_exp.sweep_summary import record_job
 
         record_job(hc.sweep.dir, hc.job.num, list(hc.overrides.task), outcomes, started)

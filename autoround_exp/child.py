@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from autoround_exp import progress
+
 
 class ChildFailed(RuntimeError):
     def __init__(self, what: str, returncode: int | None, log_path: Path):
@@ -61,13 +63,17 @@ def start(argv: list[str], log, env: dict | None = None) -> subprocess.Popen:
     )
 
 
-def run(argv: list[str], log_path: Path, timeout_s: float, what: str, env: dict | None = None) -> None:
-    """Run ``argv`` and raise ``ChildFailed`` unless it exits 0 within ``timeout_s``."""
+def run(
+    argv: list[str], log_path: Path, timeout_s: float, what: str, env: dict | None = None, stage: str | None = None
+) -> None:
+    """Run ``argv`` and raise ``ChildFailed`` unless it exits 0 within ``timeout_s``. While it
+    runs, the console shows ``stage`` (default ``what``) and the progress its log reports."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         proc = start(argv, log, env)
         try:
-            rc = proc.wait(timeout=timeout_s)
+            with progress.watching(log_path, stage or what):
+                rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             stop(proc)
             raise ChildFailed(what, None, log_path) from None

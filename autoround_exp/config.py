@@ -7,6 +7,7 @@ what to set instead.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -93,6 +94,9 @@ class ModelConfig:
     # A Linear of the vision tower (vision-language models): `ignore` must cover it, as
     # upstream keeps the vision tower unquantized.
     vision_linear: str | None = None
+    # Where it may be quantized: auto (the GPU if torch sees one, else the CPU), cuda (an 8B
+    # model: AutoRound on a CPU would take days, so no GPU is refused at the door), cpu.
+    quantize_device: str = "auto"
     # in_features of the quantized Linear layers: group sizes must divide each one.
     linear_in_features: list[int] = field(default_factory=list)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -329,6 +333,39 @@ def check_report(r: ReportConfig) -> None:
         raise ConfigError(f"report.alpha={r.alpha} is invalid; set a significance level in (0, 1), e.g. 0.05.")
 
 
+def check_quantize_device(exp: Experiment) -> None:
+    """A model that must be quantized on a GPU (``model.quantize_device=cuda``) where this
+    environment's torch sees none: refused before anything is downloaded or loaded, because
+    llm-compressor would only warn and run for days on the CPU."""
+    if not exp.quantized or exp.model.quantize_device != "cuda":
+        return
+    import torch  # only here: the CPU-only path never pays for it
+
+    if torch.cuda.is_available():
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise ConfigError(
+        f"model={exp.model.name} is quantized on a GPU (model.quantize_device=cuda), but this environment's "
+        f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'none'}) says torch.cuda.is_available() "
+        f"is False{f' (CUDA_VISIBLE_DEVICES={visible!r})' if visible is not None else ''}. Run on a machine whose "
+        "GPU this torch can use (`make env` there installs the CUDA build), or set model.quantize_device=cpu to "
+        "quantize on the CPU anyway (an 8B AutoRound job takes days there)."
+    )
+
+
+def at_the_door(exp: Experiment) -> Experiment:
+    """What a validated run still needs from outside the config, checked before any work:
+    a GPU where the model must be quantized on one, and a hub model's revision pinned to the
+    commit it names now (``store.pin_revision``)."""
+    from autoround_exp.store import IdentityError, pin_revision
+
+    check_quantize_device(exp)
+    try:
+        return pin_revision(exp)
+    except IdentityError as e:
+        raise ConfigError(str(e)) from e
+
+
 def validate(cfg: DictConfig, serve_env: bool = True) -> Experiment:
     """Turn a composed config into an ``Experiment`` or raise ``ConfigError``. With
     ``serve_env=False`` the serve environment is not asked (its ``serve_choice`` is None):
@@ -347,6 +384,7 @@ def validate(cfg: DictConfig, serve_env: bool = True) -> Experiment:
     _choices("serve.backend", sv.backend, BACKENDS)
     _choices("serve.device", sv.device, DEVICES)
     _choices("model.modality", m.modality, MODALITIES)
+    _choices("model.quantize_device", m.quantize_device, DEVICES)
 
     if q.name in AUTOROUND_METHODS:
         if not s.autoround:

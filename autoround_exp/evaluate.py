@@ -287,6 +287,7 @@ def evaluate(exp: Experiment, checkpoint: str, out_dir: Path, log_dir: Path) -> 
     log_path = log_dir / "lm_eval.log"
     env = child_env(exp)
     what = f"lm-eval ({exp.serve.backend})"
+    stage = f"evaluate {exp.serve.backend}"
     t0 = time.perf_counter()
     server_cmd = None
     if exp.serve.backend == "vllm_server":
@@ -297,12 +298,12 @@ def evaluate(exp: Experiment, checkpoint: str, out_dir: Path, log_dir: Path) -> 
         with server.running(server_cmd, port, server_log, exp.serve.startup_timeout_s, env) as base_url:
             argv = lm_eval_argv(exp, checkpoint, lm_out, task_dir, base_url)
             (out_dir / "command.txt").write_text(" ".join(argv) + "\n")
-            child.run(argv, log_path, exp.eval.timeout_s, what, env=env)
+            child.run(argv, log_path, exp.eval.timeout_s, what, env=env, stage=stage)
         kernel_log = server_log
     else:
         argv = lm_eval_argv(exp, checkpoint, lm_out, task_dir)
         (out_dir / "command.txt").write_text(" ".join(argv) + "\n")
-        child.run(argv, log_path, exp.eval.timeout_s, what, env=env)
+        child.run(argv, log_path, exp.eval.timeout_s, what, env=env, stage=stage)
         kernel_log = log_path
     results = sorted(lm_out.rglob("results_*.json"))
     if not results:

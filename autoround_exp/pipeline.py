@@ -186,6 +186,7 @@ def run_experiment(exp: Experiment, sweep_id: str) -> list[Outcome]:
     """The job and its baselines. One that fails is recorded (results/failed/, MLflow FAILED)
     and the others still run; its outcome has status ``failed``."""
     # the commit a hub model's revision names now: in every key and record, and what is loaded
+    # (run.py pinned it at the door already; a caller that did not gets it pinned here)
     exp = store.pin_revision(exp)
     outcomes = []
     for job in [*baselines_of(exp), exp]:

@@ -68,7 +68,8 @@ def quantize(exp: Experiment, out_dir: Path, log_path: Path, timeout_s: float = 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     req_path = out_dir.parent / f"{out_dir.name}.request.json"
     req_path.write_text(json.dumps(request(exp, out_dir), indent=2))
-    child.run([sys.executable, "-m", "autoround_exp.quantize", str(req_path)], log_path, timeout_s, "quantization")
+    argv = [sys.executable, "-m", "autoround_exp.quantize", str(req_path)]
+    child.run(argv, log_path, timeout_s, "quantization", stage=f"quantize {exp.method.name}")
     return QuantResult.load(out_dir)
 
 
@@ -94,6 +95,41 @@ def build_modifier(req: dict):
     if method["lr"] is not None:
         kwargs["lr"] = method["lr"]
     return AutoRoundModifier(targets="Linear", scheme=preset, ignore=ignore, **kwargs)
+
+
+def print_autoround_blocks(model, ignore: list[str]) -> None:
+    """Print ``[autoround] block i/N (name)`` as llm-compressor starts tuning each decoder
+    block, for the parent's progress display: its own log line names the block but not how
+    many there are. N: the modifier's sequential targets with a Linear left to quantize (a
+    VLM's vision blocks, all ignored, are never tuned)."""
+    import torch
+    from llmcompressor.utils.pytorch import infer_sequential_targets
+    from loguru import logger
+
+    from autoround_exp.config import ignores
+    from autoround_exp.progress import AUTOROUND_BLOCK
+
+    targets = infer_sequential_targets(model)
+    total = sum(
+        any(
+            isinstance(sub, torch.nn.Linear) and not ignores(f"{name}.{sub_name}", ignore)
+            for sub_name, sub in m.named_modules()
+        )
+        for name, m in model.named_modules()
+        if type(m).__name__ in targets
+    )
+    started = 0
+
+    def sink(message) -> None:
+        nonlocal started
+        started += 1
+        name = message.record["message"].rsplit(" ", 1)[-1]
+        print(f"{AUTOROUND_BLOCK} {started}/{total} ({name})", flush=True)
+
+    def applying(record) -> bool:
+        return record["function"] == "apply_autoround" and record["message"].startswith("Applying AutoRound")
+
+    logger.add(sink, level="INFO", filter=applying, format="{message}")
 
 
 def quantize_native(req: dict, model, tokenizer, dataset, out: Path) -> str:
@@ -200,6 +236,8 @@ def run_request(req: dict) -> dict:
         recipe = quantize_native(req, model, tokenizer, kwargs["dataset"], tmp)
         oneshot_seconds = time.perf_counter() - t1
     else:
+        if req["method"]["name"] in AUTOROUND_METHODS:
+            print_autoround_blocks(model, req["ignore"])
         oneshot(model=model, processor=processor, recipe=modifier, **kwargs)
         oneshot_seconds = time.perf_counter() - t1
         model.save_pretrained(tmp, save_compressed=True)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from autoround_exp import child
+from autoround_exp import child, progress
 
 
 class ServerFailed(child.ChildFailed):
@@ -48,12 +48,13 @@ def running(argv: list[str], port: int, log_path: Path, startup_timeout_s: float
         proc = child.start(argv, log, env)
         try:
             deadline = time.monotonic() + startup_timeout_s
-            while not healthy(f"{base}/health"):
-                if proc.poll() is not None:
-                    raise ServerFailed("vLLM server", proc.returncode, log_path)
-                if time.monotonic() > deadline:
-                    raise ServerFailed(f"vLLM server (not healthy after {startup_timeout_s} s)", None, log_path)
-                time.sleep(1)
+            with progress.watching(log_path, "evaluate vllm_server (server starting)"):
+                while not healthy(f"{base}/health"):
+                    if proc.poll() is not None:
+                        raise ServerFailed("vLLM server", proc.returncode, log_path)
+                    if time.monotonic() > deadline:
+                        raise ServerFailed(f"vLLM server (not healthy after {startup_timeout_s} s)", None, log_path)
+                    time.sleep(1)
             yield f"{base}/v1"
         finally:
             child.stop(proc, grace_s=30)

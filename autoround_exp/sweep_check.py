@@ -1,9 +1,10 @@
 """Validate every job of a ``-m`` sweep before the first one starts, so a typo in the
-last value does not surface after hours of quantization."""
+last value does not surface after hours of quantization; then note how many jobs there are."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -26,14 +27,19 @@ class ValidateSweep(Callback):
     def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
         from hydra import compose
 
-        from autoround_exp.config import ConfigError, validate
+        from autoround_exp.config import ConfigError, at_the_door, validate
+        from autoround_exp.progress import write_total
 
         jobs = [(o, compose(config_name=config_name, overrides=o)) for o in job_overrides(config)]
         # every job's config first (fast), then what the serve environment can run (probed once)
         for serve_env in (False, True):
             for overrides, cfg in jobs:
                 try:
-                    validate(cfg, serve_env=serve_env)
+                    exp = validate(cfg, serve_env=serve_env)
+                    if serve_env:
+                        at_the_door(exp)
                 except ConfigError as e:
                     print(f"autoround-exp: job [{' '.join(overrides)}]: {e}", file=sys.stderr)
                     sys.exit(2)
+        # job k/N in the progress display: each job knows only its own number
+        write_total(Path(config.hydra.sweep.dir), len(jobs))
