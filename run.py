@@ -40,7 +40,11 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     progress.set_job(hc.job.num if multirun else 0, hc.sweep.dir if multirun else None, started)
-    outcomes = run_experiment(exp, sweep_id())
+    try:
+        outcomes = run_experiment(exp, sweep_id())
+    except ConfigError as e:  # found only once the data was read (calibration): what is stored stays
+        print(f"autoround-exp: {e}", file=sys.stderr)
+        sys.exit(2)
     if multirun:
         from autoround_exp.sweep_summary import record_job
 

@@ -125,6 +125,9 @@ class MethodConfig:
     lr: float | None = None  # None: auto-round's default (1/iters)
     enable_torch_compile: bool | None = None  # None: on with CUDA, off on CPU
     disable_opt_rtn: bool = False
+    # torch.use_deterministic_algorithms (+ cuBLAS's fixed workspace) in the quantize child:
+    # the same config gives the same checkpoint bytes, or fails where no deterministic kernel exists.
+    deterministic: bool = False
 
 
 @dataclass

@@ -198,6 +198,8 @@ def lm_eval_argv(
         batch_size = "16"  # lm-eval's auto probe assumes a GPU's out-of-memory signal
     if backend == "vllm_server":
         batch_size = "1"  # requests go one per call, num_concurrent at a time
+    if lm_eval_model(exp) == "hf-multimodal" and batch_size == "auto":
+        batch_size = "1"  # lm-eval's hf-multimodal refuses auto
     argv = [
         exp.serve.python,
         "-m",

@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from autoround_exp import lmeval_results, store
-from autoround_exp.config import AUTOROUND_METHODS, Experiment, MethodConfig
+from autoround_exp.config import AUTOROUND_METHODS, ConfigError, Experiment, MethodConfig
 from autoround_exp.evaluate import evaluate
 from autoround_exp.quantize import CALIBRATION_FILE, RESULT_FILE, QuantResult, quantize
 from autoround_exp.record import EvalSettings, Evaluation, FailureRecord, ModelRef, RunRecord, Tracking
@@ -77,6 +77,8 @@ def _run_one(exp: Experiment, sweep_id: str, qkey: str, key: str) -> Outcome:
         else:
             checkpoint = exp.model.path
         ev = evaluate(exp, checkpoint, work / "evals" / key, logs)
+    except ConfigError:
+        raise  # the user's input, found late (calibration data): no failed run, the message alone
     except Exception as err:
         record_failure(exp, name, key, qkey, sweep_id, err, logs)
         raise
@@ -192,6 +194,8 @@ def run_experiment(exp: Experiment, sweep_id: str) -> list[Outcome]:
     for job in [*baselines_of(exp), exp]:
         try:
             outcome = run_one(job, sweep_id)
+        except ConfigError:
+            raise
         except Exception as err:  # recorded by run_one; the sweep goes on
             qkey, key = store.keys(job)
             first_line = (str(err).splitlines() or [""])[0]

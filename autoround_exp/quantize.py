@@ -9,16 +9,18 @@ peak memory is the job's own, and a crash cannot take the sweep down with it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from autoround_exp import child
-from autoround_exp.config import AUTOROUND_METHODS, Experiment
+from autoround_exp import child, verify
+from autoround_exp.config import AUTOROUND_METHODS, ConfigError, Experiment, ignores
 
 RESULT_FILE = "quantization.json"
+ERROR_PREFIX = "autoround-exp: "
 CALIBRATION_FILE = "calibration_tokens.json"
 
 
@@ -33,6 +35,9 @@ class QuantResult:
     size_mb: float
     calibration: dict | None
     recipe: str
+    # what verify found: layers quantized / left out, AutoRound's changed codes
+    verification: dict | None = None
+    deterministic: bool = False
 
     @classmethod
     def load(cls, checkpoint: Path) -> QuantResult:
@@ -69,8 +74,24 @@ def quantize(exp: Experiment, out_dir: Path, log_path: Path, timeout_s: float = 
     req_path = out_dir.parent / f"{out_dir.name}.request.json"
     req_path.write_text(json.dumps(request(exp, out_dir), indent=2))
     argv = [sys.executable, "-m", "autoround_exp.quantize", str(req_path)]
-    child.run(argv, log_path, timeout_s, "quantization", stage=f"quantize {exp.method.name}")
+    # model.quantize_device=cpu: the child sees no GPU, whatever the machine has
+    env = {"CUDA_VISIBLE_DEVICES": ""} if exp.model.quantize_device == "cpu" else None
+    try:
+        child.run(argv, log_path, timeout_s, "quantization", env=env, stage=f"quantize {exp.method.name}")
+    except child.ChildFailed as e:
+        said = _said(log_path)
+        if e.returncode == EXIT_CONFIG and said:
+            raise ConfigError(said) from None
+        if e.returncode == EXIT_VERIFY and said:
+            raise verify.VerificationError(f"{said}; log: {log_path}") from None
+        raise
     return QuantResult.load(out_dir)
+
+
+def _said(log_path: Path) -> str | None:
+    """The child's own message for an error of the user's (its last such line)."""
+    lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.startswith(ERROR_PREFIX)]
+    return lines[-1].removeprefix(ERROR_PREFIX) if lines else None
 
 
 # ---------------------------------------------------------------- child side
@@ -201,6 +222,11 @@ def run_request(req: dict) -> dict:
 
     t0 = time.perf_counter()
     torch.manual_seed(req["seed"])
+    deterministic = bool(req["method"].get("deterministic"))
+    if deterministic:
+        # the same inputs give the same bytes: deterministic kernels, or an error where none exists
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     m = req["model"]
     vlm = m["loader"] == "image_text_to_text"
     auto_model = transformers.AutoModelForImageTextToText if vlm else transformers.AutoModelForCausalLM
@@ -213,6 +239,11 @@ def run_request(req: dict) -> dict:
     tokenizer = processor.tokenizer if vlm else processor
     native = req["method"]["name"] == "autoround_native"
     modifier = None if native else build_modifier(req)
+
+    names = verify.linear_names(model)
+    tuned = req["method"]["name"] in AUTOROUND_METHODS and req["method"]["iters"] > 0
+    targeted = [n for n in names if not ignores(n, req["ignore"])]
+    originals = verify.sample_layers(model, targeted) if tuned and not native else {}
 
     kwargs, calib_info = {}, None
     if req["calibration"] is not None:
@@ -235,11 +266,15 @@ def run_request(req: dict) -> dict:
         # auto-round tunes and saves in one call: the save is inside the timing here
         recipe = quantize_native(req, model, tokenizer, kwargs["dataset"], tmp)
         oneshot_seconds = time.perf_counter() - t1
+        codes = (
+            {"measured": False, "reason": "auto-round's own API keeps its tuned layers to itself"} if tuned else None
+        )
     else:
         if req["method"]["name"] in AUTOROUND_METHODS:
             print_autoround_blocks(model, req["ignore"])
         oneshot(model=model, processor=processor, recipe=modifier, **kwargs)
         oneshot_seconds = time.perf_counter() - t1
+        codes = verify.changed_codes(model, originals) if tuned else None
         model.save_pretrained(tmp, save_compressed=True)
         recipe = str(modifier)
     processor.save_pretrained(tmp)
@@ -252,6 +287,21 @@ def run_request(req: dict) -> dict:
     recipe_path = tmp / "recipe.yaml"
     if not recipe_path.exists():
         recipe_path.write_text(recipe)
+
+    # the checkpoint as asked, or no checkpoint: it keeps its .partial name if this fails
+    verification = verify.layers(tmp, names, req["ignore"], req["scheme"]["preset"])
+    verification |= {"iters": req["method"]["iters"] if tuned else None, "changed_codes": codes}
+    verify.no_op(verification)
+    print(
+        f"[verify] {verification['quantized']}/{verification['linear_layers']} Linear layers quantized as "
+        f"{req['scheme']['preset']}; left out: {verification['left_out']}"
+        + (
+            f"; AutoRound changed {codes['fraction']:.2%} of sampled weight codes"
+            if codes and codes["measured"]
+            else ""
+        ),
+        flush=True,
+    )
 
     if cuda:
         peak, kind = torch.cuda.max_memory_allocated() / 2**30, "cuda_max_allocated"
@@ -268,6 +318,8 @@ def run_request(req: dict) -> dict:
         "size_mb": round(_dir_size_mb(tmp), 3),
         "calibration": calib_info,
         "recipe": "recipe.yaml",
+        "verification": verification,
+        "deterministic": deterministic,
     }
     (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2))
     shutil.rmtree(out, ignore_errors=True)
@@ -275,5 +327,27 @@ def run_request(req: dict) -> dict:
     return result
 
 
+# The child's exit codes for what the parent reports as the user's error, not a crash.
+EXIT_CONFIG, EXIT_VERIFY = 2, 3
+
+
+def main(path: str) -> int:
+    from autoround_exp.config import ConfigError
+
+    req = json.loads(Path(path).read_text())
+    if req["method"].get("deterministic"):
+        # before CUDA starts: cuBLAS is deterministic only with a fixed workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    try:
+        run_request(req)
+    except ConfigError as e:
+        print(f"{ERROR_PREFIX}{e}", flush=True)
+        return EXIT_CONFIG
+    except verify.VerificationError as e:
+        print(f"{ERROR_PREFIX}{e}", flush=True)
+        return EXIT_VERIFY
+    return 0
+
+
 if __name__ == "__main__":
-    run_request(json.loads(Path(sys.argv[1]).read_text()))
+    sys.exit(main(sys.argv[1]))

@@ -55,6 +55,9 @@ class Quantization(_Open):
     size_mb: float
     calibration: Calibration | None = None
     recipe: str
+    # verify's findings: Linear layers quantized / left out, AutoRound's changed codes
+    verification: dict | None = None
+    deterministic: bool = False
 
 
 class Platform(_Open):

@@ -186,7 +186,9 @@ def quant_identity(exp: Experiment) -> dict:
         return ident
     ident |= {"scheme": exp.scheme.preset, "ignore": list(m.ignore), "versions": versions(QUANT_LIBS)}
     if q.name in AUTOROUND_METHODS:
-        ident["autoround"] = {k: v for k, v in asdict(q).items() if k not in ("name", "label")}
+        ident["autoround"] = {k: v for k, v in asdict(q).items() if k not in ("name", "label", "deterministic")}
+    if q.deterministic:  # only when set: the keys of every earlier run stay as they were
+        ident["deterministic"] = True
     if q.name in AUTOROUND_METHODS or exp.scheme.calibrate_rtn:
         ident["calibration"] = asdict(exp.calibration) | {"source": source_identity(exp.calibration.source, cache)}
         if exp.seed is not None:

@@ -75,4 +75,8 @@ def test_qwen3_vl_chartqa_is_upstreams_lm_eval_command():
     assert opt(argv, "--model") == "vllm-vlm" and opt(argv, "--tasks") == "chartqa"
     assert "--apply_chat_template" in argv and opt(argv, "--num_fewshot") == "0"
     # the BOS choice is explicit: upstream's lm-eval config for chartqa with the chat template
-    assert "add_bos_token=False" in opt(argv, "--model_args") and opt(argv, "--batch_size") == "1"
+    assert "add_bos_token=False" in opt(argv, "--model_args")
+    assert opt(argv, "--batch_size") == "auto"  # vllm-vlm batches itself; one at a time would take hours
+    hf = validate(compose_cfg(["model=qwen3_vl_8b_instruct", "scheme=nvfp4", "eval=chartqa", "serve=hf"]))
+    argv = evaluate.lm_eval_argv(hf, "/ckpt", Path("/out"), None)
+    assert opt(argv, "--model") == "hf-multimodal" and opt(argv, "--batch_size") == "1"  # it refuses auto
