@@ -6,6 +6,7 @@ python run.py -m iters=0,200        # a sweep (Hydra multirun)
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -17,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from autoround_exp import progress
-from autoround_exp.config import ConfigError, at_the_door, register_configs, validate
+from autoround_exp.config import ConfigError, at_the_door, gpu_of_job, register_configs, validate
 
 
 def sweep_id() -> str:
@@ -40,6 +41,9 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     progress.set_job(hc.job.num if multirun else 0, hc.sweep.dir if multirun else None, started)
+    if (gpu := gpu_of_job(hc.job.num if multirun else 0, cfg.get("gpus"))) is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # this job's children (quantize, vLLM) see that GPU only
+        print(f"[gpu] job {hc.job.num if multirun else 0} on GPU {gpu}", flush=True)
     try:
         outcomes = run_experiment(exp, sweep_id())
     except ConfigError as e:  # found only once the data was read (calibration): what is stored stays

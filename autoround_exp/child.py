@@ -36,6 +36,36 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+# A watchdog per child, outside its group: when the harness dies, however (kill -9 included),
+# Linux sends the watchdog SIGTERM and it kills the child's whole process group. The child's
+# own PR_SET_PDEATHSIG reaches only the child: helpers it started (vLLM's engine core and
+# workers, in the group) could outlive a killed harness and hold the GPU.
+_WATCHDOG = """
+import ctypes, os, signal, sys
+parent, pgid = int(sys.argv[1]), int(sys.argv[2])
+def end(*_):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+    os._exit(0)
+signal.signal(signal.SIGTERM, end)
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the harness's to handle
+ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != parent:  # the harness died before the line above
+    end()
+while True:
+    signal.pause()
+"""
+
+
+def _watch(proc: subprocess.Popen) -> subprocess.Popen | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    argv = [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(os.getpid()), str(proc.pid)]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def stop(proc: subprocess.Popen, grace_s: float = 20) -> None:
     """End ``proc`` and everything in its process group: SIGTERM, then SIGKILL after ``grace_s``."""
     try:
@@ -49,11 +79,16 @@ def stop(proc: subprocess.Popen, grace_s: float = 20) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+    watchdog = getattr(proc, "watchdog", None)
+    if watchdog is not None:  # its group is gone: nothing left to guard
+        watchdog.kill()
+        watchdog.wait()
 
 
 def start(argv: list[str], log, env: dict | None = None) -> subprocess.Popen:
-    """Start ``argv`` (never through a shell) in a process group of its own, output to ``log``."""
-    return subprocess.Popen(
+    """Start ``argv`` (never through a shell) in a process group of its own, output to ``log``,
+    with a watchdog that ends the group if the harness dies (``stop`` ends both)."""
+    proc = subprocess.Popen(
         argv,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -61,6 +96,8 @@ def start(argv: list[str], log, env: dict | None = None) -> subprocess.Popen:
         env={**os.environ, **(env or {})},
         preexec_fn=_die_with_parent,
     )
+    proc.watchdog = _watch(proc)
+    return proc
 
 
 def run(

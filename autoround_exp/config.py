@@ -214,6 +214,9 @@ class ExperimentConfig:
     seed: int | None = None
     baselines: bool = True  # also make sure the model's `none` and `rtn` results exist
     force: bool = False  # recompute even when a finished result is stored
+    # GPUs a sweep's jobs take turns on, one each: job k sees only gpus[k % len(gpus)]
+    # (launcher=submitit_local_gpus runs len(gpus) of them side by side). None: all GPUs.
+    gpus: list[int] | None = None
 
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
@@ -334,6 +337,11 @@ def check_report(r: ReportConfig) -> None:
             )
     if not 0 < r.alpha < 1:
         raise ConfigError(f"report.alpha={r.alpha} is invalid; set a significance level in (0, 1), e.g. 0.05.")
+
+
+def gpu_of_job(job_num: int, gpus: list[int] | None) -> str | None:
+    """The CUDA_VISIBLE_DEVICES of sweep job ``job_num``: jobs take turns on ``gpus``, one GPU each."""
+    return None if gpus is None else str(gpus[job_num % len(gpus)])
 
 
 def check_quantize_device(exp: Experiment) -> None:
@@ -481,6 +489,8 @@ def validate(cfg: DictConfig, serve_env: bool = True) -> Experiment:
         raise ConfigError("serve.startup_timeout_s and eval.timeout_s must be positive numbers of seconds.")
     _choices("model.loader", m.loader, LOADERS)
     check_report(typed.report)
+    if typed.gpus is not None and (not typed.gpus or any(g < 0 for g in typed.gpus)):
+        raise ConfigError(f"gpus={typed.gpus} is invalid; list GPU indices, e.g. gpus=[0,1,2,3], or null for all.")
     if typed.tracking.enabled:
         check_tracking(typed.tracking)
     resolved["tracking"]["uri"] = redact_uri(typed.tracking.uri)  # what is logged and stored

@@ -31,6 +31,16 @@ class ValidateSweep(Callback):
         from autoround_exp.progress import write_total
 
         jobs = [(o, compose(config_name=config_name, overrides=o)) for o in job_overrides(config)]
+        gpus, batch = config.get("gpus"), config.hydra.sweeper.get("max_batch_size")
+        parallel = "submitit" in str(config.hydra.launcher.get("_target_", "")).lower()
+        if gpus and parallel and len(jobs) > len(gpus) and (batch is None or batch > len(gpus)):
+            print(
+                f"autoround-exp: gpus={list(gpus)} gives one GPU to each of {len(gpus)} jobs at a time, but "
+                f"hydra.sweeper.max_batch_size={batch} would start more of the {len(jobs)} jobs together; "
+                f"set hydra.sweeper.max_batch_size={len(gpus)}.",
+                file=sys.stderr,
+            )
+            sys.exit(2)
         # every job's config first (fast), then what the serve environment can run (probed once)
         for serve_env in (False, True):
             for overrides, cfg in jobs:

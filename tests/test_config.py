@@ -42,7 +42,12 @@ def test_every_option_composes_and_validates(group, option):
         assert OmegaConf.to_container(cfg.report) == OmegaConf.to_container(chosen)
     else:
         launcher = compose_cfg(overrides, hydra=True).hydra.launcher._target_
-        expected = {"local": "BasicLauncher", "submitit_local": "LocalLauncher", "submitit_slurm": "SlurmLauncher"}
+        expected = {
+            "local": "BasicLauncher",
+            "submitit_local": "LocalLauncher",
+            "submitit_local_gpus": "LocalLauncher",
+            "submitit_slurm": "SlurmLauncher",
+        }
         assert launcher.endswith(expected[option])
 
 
@@ -196,3 +201,24 @@ def test_submitit_local_preset_runs_jobs_as_processes():
     cfg = compose_cfg(["launcher=submitit_local"], hydra=True)
     assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
     assert cfg.hydra.launcher.gpus_per_node == 0
+
+
+def test_jobs_take_turns_on_the_gpus_one_each():
+    from autoround_exp.config import gpu_of_job
+
+    assert [gpu_of_job(k, [0, 1, 2]) for k in range(5)] == ["0", "1", "2", "0", "1"]
+    assert gpu_of_job(3, None) is None
+    cfg = compose_cfg(["launcher=submitit_local_gpus", "gpus=[2,3]"], hydra=True)
+    assert cfg.gpus == [2, 3] and cfg.hydra.sweeper.max_batch_size == 2 and cfg.hydra.launcher.gpus_per_node == 0
+    with pytest.raises(ConfigError, match="gpus="):
+        validate(compose_cfg(["gpus=[]"]), serve_env=False)
+
+
+def test_more_jobs_at_once_than_gpus_is_refused_at_the_sweeps_door(tmp_path):
+    import subprocess
+    import sys
+
+    argv = [sys.executable, str(ROOT / "run.py"), "-m", "launcher=submitit_local_gpus", "gpus=[0,1]", "iters=0,1,2"]
+    argv += ["hydra.sweeper.max_batch_size=3", f"paths.work={tmp_path}", f"paths.results={tmp_path / 'r'}"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "set hydra.sweeper.max_batch_size=2" in proc.stderr, proc.stderr[-2000:]
