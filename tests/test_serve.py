@@ -265,3 +265,12 @@ def test_bos_check_on_a_hub_model_not_in_the_cache_says_unknown(fake_platform, t
     exp = validate(compose_cfg(["method=none", "eval.apply_chat_template=true"]))
     info = evaluate.bos_check(exp, "meta-llama/Llama-3.1-8B-Instruct")
     assert info["double_bos"] is None and info["warning"] is None
+
+
+def test_hf_multimodal_on_cpu_scores_one_chart_at_a_time(fake_platform):
+    """chartqa's batch_size is auto (vllm-vlm batches itself); hf-multimodal refuses auto and
+    gets 1 — never the 16 that text models get on a CPU."""
+    fake_platform["platform"] = {**CPU, "autoround_exp": True}
+    exp = validate(compose_cfg(["model=tiny_qwen3_vl", "eval=chartqa", "serve=hf", "method=none"]))
+    argv = evaluate.lm_eval_argv(exp, "/ckpt", Path("/out"), None)
+    assert opt(argv, "--model") == "hf-multimodal" and opt(argv, "--batch_size") == "1"

@@ -51,6 +51,8 @@ def test_an_autoround_record_shows_its_layers_and_the_codes_tuning_changed(tmp_p
     assert v["weights"] == {"num_bits": 4, "type": "int", "group_size": 128, "strategy": "group", "symmetric": True}
     assert v["changed_codes"]["measured"] and 0 < v["changed_codes"]["fraction"] < 0.5
     assert rec["quantization"]["deterministic"] is False
+    cli = [sys.executable, "-m", "autoround_exp.report", "--results", str(tmp_path / "results"), "--readme", ""]
+    subprocess.run(cli, cwd=ROOT, check=True, capture_output=True, timeout=300)
     report = (tmp_path / "results" / "report.md").read_text()
     assert "28/29" in report and f"{100 * v['changed_codes']['fraction']:.2f} %" in report
 
@@ -73,7 +75,9 @@ def test_deterministic_quantization_gives_the_same_bytes(tmp_path):
         assert records(work)[0]["quantization"]["deterministic"] is True
     a, b = folders
     names = sorted(p.name for p in a.iterdir() if p.name != "quantization.json")  # that one holds timings
-    assert "model.safetensors" in names and names == sorted(p.name for p in b.iterdir() if p.name != "quantization.json")
+    assert "model.safetensors" in names and names == sorted(
+        p.name for p in b.iterdir() if p.name != "quantization.json"
+    )
     assert [n for n in names if (a / n).read_bytes() != (b / n).read_bytes()] == []
 
 
