@@ -45,7 +45,7 @@ def main(cfg: DictConfig) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # this job's children (quantize, vLLM) see that GPU only
         print(f"[gpu] job {hc.job.num if multirun else 0} on GPU {gpu}", flush=True)
     try:
-        outcomes = run_experiment(exp, sweep_id())
+        outcomes = run_experiment(exp, sweep_id(), stop_on_config_error=not multirun)
     except ConfigError as e:  # found only once the data was read (calibration): what is stored stays
         print(f"autoround-exp: {e}", file=sys.stderr)
         sys.exit(2)

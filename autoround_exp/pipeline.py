@@ -47,15 +47,15 @@ def run_name(exp: Experiment) -> str:
     return name
 
 
-def run_one(exp: Experiment, sweep_id: str) -> Outcome:
+def run_one(exp: Experiment, sweep_id: str, stop_on_config_error: bool = True) -> Outcome:
     qkey, key = store.keys(exp)
     # one job at a time per run key: a parallel job that needs the same run (a shared
     # baseline) waits, then finds it stored
     with store.locked(Path(exp.paths.work).resolve() / "locks" / f"run-{key}.lock"):
-        return _run_one(exp, sweep_id, qkey, key)
+        return _run_one(exp, sweep_id, qkey, key, stop_on_config_error)
 
 
-def _run_one(exp: Experiment, sweep_id: str, qkey: str, key: str) -> Outcome:
+def _run_one(exp: Experiment, sweep_id: str, qkey: str, key: str, stop_on_config_error: bool) -> Outcome:
     results = store.Store(exp.paths.results)
     name = run_name(exp)
     found = results.find(key)
@@ -77,8 +77,12 @@ def _run_one(exp: Experiment, sweep_id: str, qkey: str, key: str) -> Outcome:
         else:
             checkpoint = exp.model.path
         ev = evaluate(exp, checkpoint, work / "evals" / key, logs)
-    except ConfigError:
-        raise  # the user's input, found late (calibration data): no failed run, the message alone
+    except ConfigError as err:
+        # the user's input, found late (calibration data). A single run stops with the message
+        # alone; in a sweep it is this job's failure, and the other jobs go on.
+        if not stop_on_config_error:
+            record_failure(exp, name, key, qkey, sweep_id, err, logs)
+        raise
     except Exception as err:
         record_failure(exp, name, key, qkey, sweep_id, err, logs)
         raise
@@ -184,19 +188,21 @@ def describe_backend(exp: Experiment) -> str:
     return text + (f" NOTE: {c.note}" if c.note else "")
 
 
-def run_experiment(exp: Experiment, sweep_id: str) -> list[Outcome]:
+def run_experiment(exp: Experiment, sweep_id: str, stop_on_config_error: bool = True) -> list[Outcome]:
     """The job and its baselines. One that fails is recorded (results/failed/, MLflow FAILED)
-    and the others still run; its outcome has status ``failed``."""
+    and the others still run; its outcome has status ``failed``. A config error found only
+    once the data is read (``ConfigError``) is raised when ``stop_on_config_error`` (a single
+    run: nothing recorded, the message alone), else recorded as that job's failure (a sweep)."""
     # the commit a hub model's revision names now: in every key and record, and what is loaded
     # (run.py pinned it at the door already; a caller that did not gets it pinned here)
     exp = store.pin_revision(exp)
     outcomes = []
     for job in [*baselines_of(exp), exp]:
         try:
-            outcome = run_one(job, sweep_id)
-        except ConfigError:
-            raise
+            outcome = run_one(job, sweep_id, stop_on_config_error)
         except Exception as err:  # recorded by run_one; the sweep goes on
+            if isinstance(err, ConfigError) and stop_on_config_error:
+                raise
             qkey, key = store.keys(job)
             first_line = (str(err).splitlines() or [""])[0]
             outcomes.append(Outcome(run_name(job), key, "failed", {}, None, f"{type(err).__name__}: {first_line}"))
