@@ -170,6 +170,22 @@ class ServeConfig:
 
 
 @dataclass
+class PerfConfig:
+    """Serving cost (``perf=throughput``): vLLM's ``vllm bench serve`` against ``vllm serve``."""
+
+    name: str = "none"
+    enabled: bool = False
+    num_prompts: int = 64
+    input_len: int | None = None  # None: the median token length of the run's lm-eval prompts
+    output_len: int | None = None  # None: the task's generation limit
+    repeats: int = 3  # stored as median and spread (max - min)
+    warmups: int = 8  # requests sent before each repeat's measurement (the first would time a cold server)
+    request_rate: str = "inf"  # requests/s; inf sends them all at once (offline throughput)
+    seed: int = 0
+    timeout_s: int = 1800  # one benchmark repeat
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     uri: str = "sqlite:///mlflow.db"
@@ -205,6 +221,7 @@ class ExperimentConfig:
     eval: EvalConfig = MISSING
     serve: ServeConfig = MISSING
     tracking: TrackingConfig = MISSING
+    perf: PerfConfig = field(default_factory=PerfConfig)
     calibration: CalibrationOverrides = field(default_factory=CalibrationOverrides)
     paths: PathsConfig = field(default_factory=PathsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -253,6 +270,7 @@ class Experiment:
     resolved: dict[str, Any]  # the whole resolved config, for logging
     serve_choice: Any = None  # serve.Choice: the backend that evaluates it, and why
     seed: int | None = None  # the top-level seed of a seed sweep
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
     @property
     def quantized(self) -> bool:
@@ -321,6 +339,28 @@ def check_tracking(t: TrackingConfig) -> None:
             f"tracking.uri={redact_uri(t.uri)} is not a tracking URI MLflow takes; use sqlite:///mlflow.db, "
             f"http://host:port (tracking=server) or another of {', '.join(TRACKING_SCHEMES)}."
         )
+
+
+def check_perf(p: PerfConfig) -> None:
+    if not p.enabled:
+        return
+    for name in ("num_prompts", "repeats", "timeout_s"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"perf.{name}={getattr(p, name)} is invalid; set an integer >= 1.")
+    if p.warmups < 0:
+        raise ConfigError(f"perf.warmups={p.warmups} is invalid; set an integer >= 0.")
+    for name in ("input_len", "output_len"):
+        if getattr(p, name) is not None and getattr(p, name) < 1:
+            raise ConfigError(
+                f"perf.{name}={getattr(p, name)} is invalid; set an integer >= 1, or null for the task's."
+            )
+    rate = str(p.request_rate)
+    try:
+        ok = rate == "inf" or float(rate) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"perf.request_rate={rate} is invalid; set inf (all requests at once) or requests/s > 0.")
 
 
 def check_report(r: ReportConfig) -> None:
@@ -488,6 +528,7 @@ def validate(cfg: DictConfig, serve_env: bool = True) -> Experiment:
     if sv.startup_timeout_s <= 0 or ev.timeout_s <= 0:
         raise ConfigError("serve.startup_timeout_s and eval.timeout_s must be positive numbers of seconds.")
     _choices("model.loader", m.loader, LOADERS)
+    check_perf(typed.perf)
     check_report(typed.report)
     if typed.gpus is not None and (not typed.gpus or any(g < 0 for g in typed.gpus)):
         raise ConfigError(f"gpus={typed.gpus} is invalid; list GPU indices, e.g. gpus=[0,1,2,3], or null for all.")
@@ -537,4 +578,5 @@ def validate(cfg: DictConfig, serve_env: bool = True) -> Experiment:
         resolved=resolved,
         serve_choice=choice,
         seed=typed.seed,
+        perf=typed.perf,
     )

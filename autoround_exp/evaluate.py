@@ -297,7 +297,7 @@ def evaluate(exp: Experiment, checkpoint: str, out_dir: Path, log_dir: Path) -> 
         server_cmd = server_argv(exp, checkpoint, port)
         (out_dir / "server_command.txt").write_text(" ".join(server_cmd) + "\n")
         server_log = log_dir / "vllm_server.log"
-        with server.running(server_cmd, port, server_log, exp.serve.startup_timeout_s, env) as base_url:
+        with server.running(server_cmd, port, server_log, exp.serve.startup_timeout_s, env) as (base_url, _):
             argv = lm_eval_argv(exp, checkpoint, lm_out, task_dir, base_url)
             (out_dir / "command.txt").write_text(" ".join(argv) + "\n")
             child.run(argv, log_path, exp.eval.timeout_s, what, env=env, stage=stage)

@@ -8,11 +8,19 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from autoround_exp import lmeval_results, store
+from autoround_exp import lmeval_results, perf, store
 from autoround_exp.config import AUTOROUND_METHODS, ConfigError, Experiment, MethodConfig
 from autoround_exp.evaluate import evaluate
 from autoround_exp.quantize import CALIBRATION_FILE, RESULT_FILE, QuantResult, quantize
-from autoround_exp.record import EvalSettings, Evaluation, FailureRecord, ModelRef, RunRecord, Tracking
+from autoround_exp.record import (
+    EvalSettings,
+    Evaluation,
+    FailureRecord,
+    ModelRef,
+    PerfSettings,
+    RunRecord,
+    Tracking,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -60,6 +68,8 @@ def _run_one(exp: Experiment, sweep_id: str, qkey: str, key: str, stop_on_config
     name = run_name(exp)
     found = results.find(key)
     if found is not None and not exp.force:
+        if exp.perf.enabled:
+            found = with_perf(exp, found, results)
         return Outcome(name, key, "reused", found.metrics, found.mlflow_run_id, str(results.path_of(key)))
 
     print(f"[run] {name} key={key} {describe_backend(exp)}", flush=True)
@@ -149,12 +159,49 @@ def _run_one(exp: Experiment, sweep_id: str, qkey: str, key: str, stop_on_config
         config=exp.resolved,
         artifacts=artifacts,
     )
+    perf_error = None
+    if exp.perf.enabled:
+        try:
+            rec.perf = perf.measure(exp, checkpoint, ev.samples_paths, work / "perf" / key, logs)
+        except Exception as err:  # the accuracy result stands: stored without its serving cost
+            perf_error = err
     if exp.tracking.enabled:
         from autoround_exp.tracking import log_or_defer
 
         rec = log_or_defer(exp.tracking, rec, samples, force=exp.force)
     path = results.save(rec, samples)
+    if perf_error is not None:
+        raise PerfFailed(f"serving benchmark: {perf_error} (the accuracy run is stored; a re-run measures it)")
     return Outcome(name, key, "done", rec.metrics, rec.mlflow_run_id, str(path))
+
+
+class PerfFailed(RuntimeError):
+    pass
+
+
+def with_perf(exp: Experiment, rec: RunRecord, results: store.Store) -> RunRecord:
+    """A stored run with its serving cost under ``exp.perf``'s settings: reused when measured
+    with them before, else measured now on its checkpoint and stored (and logged) with it."""
+    settings = PerfSettings.of(exp.perf)
+    if rec.perf is not None and rec.perf.settings == settings:
+        return rec
+    print(f"[perf] {rec.name} key={rec.key}: measuring the serving cost of the stored run", flush=True)
+    work = Path(exp.paths.work).resolve()
+    samples = [p for p in rec.artifacts.get("lm_eval", []) if Path(p).name.startswith("samples_")]
+    try:
+        measured = perf.measure(exp, rec.checkpoint, samples, work / "perf" / rec.key, work / "logs" / rec.key)
+    except Exception as err:
+        raise PerfFailed(f"serving benchmark: {err}") from err
+    rec = rec.model_copy(update={"perf": measured})
+    results.save(rec)
+    if exp.tracking.enabled and rec.mlflow_run_id:
+        from autoround_exp.tracking import log_perf
+
+        try:
+            log_perf(exp.tracking, rec)
+        except Exception as e:  # stored on disk whatever MLflow does
+            print(f"WARNING: logging the serving cost of {rec.name} to MLflow failed: {type(e).__name__}: {e}")
+    return rec
 
 
 def record_failure(exp: Experiment, name: str, key: str, qkey: str, sweep_id: str, err: Exception, logs: Path) -> None:

@@ -122,6 +122,44 @@ class MetricRow(_Strict):
         return f"{self.metric},{self.filter}"
 
 
+class PerfSettings(_Strict):
+    """The serving benchmark's workload as asked (``perf.*``): with the run's key, its identity."""
+
+    num_prompts: int
+    input_len: int | None = None
+    output_len: int | None = None
+    repeats: int
+    warmups: int = 0
+    request_rate: str
+    seed: int
+
+    @classmethod
+    def of(cls, cfg) -> PerfSettings:
+        return cls(**{k: getattr(cfg, k) for k in cls.model_fields} | {"request_rate": str(cfg.request_rate)})
+
+
+class Perf(_Strict):
+    """The serving cost of the run's checkpoint (``perf=throughput``), or why it was not measured.
+    Each metric: median and spread (max - min) over the benchmark's repeats."""
+
+    settings: PerfSettings
+    measured: bool
+    reason: str | None = None  # why not measured
+    input_len: int | None = None  # the workload as run
+    output_len: int | None = None
+    workload: str | None = None  # where the lengths came from
+    metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
+    peak_memory_gb: float | None = None
+    memory_kind: str | None = None  # server_rss (CPU) | gpu_memory_used (CUDA)
+    backend: str | None = None
+    seconds: float | None = None
+    results: list[str] = Field(default_factory=list)  # vllm bench serve's own result JSONs
+
+    def value(self, metric: str) -> float | None:
+        m = self.metrics.get(metric)
+        return m["median"] if m else None
+
+
 class Tracking(_Strict):
     """Whether the run is in MLflow yet: ``pending`` runs are logged by ``tracking sync``."""
 
@@ -155,6 +193,7 @@ class RunRecord(_Strict):
     versions: dict[str, str | None]
     config: dict  # the whole resolved config, for people and MLflow params; code reads the fields
     tracking: Tracking = Field(default_factory=Tracking)
+    perf: Perf | None = None  # serving cost, when perf=throughput measured it
     # what MLflow gets beside the record: lm-eval outputs, logs, checkpoint files
     artifacts: dict[str, list[str]] = Field(default_factory=dict)
 

@@ -9,8 +9,11 @@ instead of an hour into a sweep.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -69,9 +72,66 @@ class ServeEnvError(RuntimeError):
     pass
 
 
+def _site_packages(python: str) -> list[Path]:
+    prefix = Path(python).absolute().parent.parent
+    patterns = ("lib/python*/site-packages", "lib64/python*/site-packages")
+    return sorted(d for pattern in patterns for d in prefix.glob(pattern))
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def fingerprint(python: str) -> str | None:
+    """What the probe's answer depends on, read without starting ``python`` (milliseconds):
+    the interpreter, its environment's installed distributions and versions, this CPU's flags,
+    the GPUs the driver lists and which are visible, and the probe's own code. None where the
+    interpreter's site-packages cannot be found: such an interpreter is probed every time."""
+    sites = _site_packages(python)
+    if not sites:
+        return None
+    dists = sorted(e.name for d in sites for e in d.iterdir() if e.name.endswith((".dist-info", ".egg-info")))
+    cpuinfo = _read("/proc/cpuinfo")
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    gpus = [_read(str(f)) for f in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information"))]
+    parts = {
+        "python": [python, os.path.realpath(python)],
+        "pyvenv": _read(str(Path(python).absolute().parent.parent / "pyvenv.cfg")),
+        "dists": dists,
+        "cpu_flags": flags,
+        "gpus": gpus,
+        "driver": _read("/proc/driver/nvidia/version"),
+        "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "probe": PROBE,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def probe_cache_dir() -> Path | None:
+    """Where probe answers are kept (``AUTOROUND_EXP_PROBE_CACHE=0`` turns the disk cache off)."""
+    setting = os.environ.get("AUTOROUND_EXP_PROBE_CACHE")
+    if setting == "0":
+        return None
+    if setting:
+        return Path(setting)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "autoround-exp" / "serve-probe"
+
+
 @functools.cache
 def probe(python: str) -> dict:
-    """What the environment of ``python`` can evaluate with (cached per interpreter)."""
+    """What the environment of ``python`` can evaluate with: cached per interpreter in this
+    process, and on disk by the environment's fingerprint, so a new process (every job of a
+    sweep, every re-run) starts no interpreter until the environment or the machine changes."""
+    fp, cache = fingerprint(python), probe_cache_dir()
+    cached = cache / f"{fp}.json" if fp and cache else None
+    if cached is not None and cached.is_file():
+        try:
+            return json.loads(cached.read_text()) | {"python": python}
+        except ValueError:
+            pass  # a damaged file: probe again and write it anew
     try:
         out = subprocess.run([python, "-c", PROBE], capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -80,6 +140,12 @@ def probe(python: str) -> dict:
         raise ServeEnvError(f"{python} cannot import torch:\n{out.stderr[-2000:]}")
     info = json.loads(out.stdout.strip().splitlines()[-1])
     info["python"] = python
+    if cached is not None:
+        with contextlib.suppress(OSError):  # a read-only cache only costs the next process a probe
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f".{cached.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(info, sort_keys=True))
+            tmp.replace(cached)
     return info
 
 

@@ -40,8 +40,11 @@ def healthy(url: str) -> bool:
 
 
 @contextmanager
-def running(argv: list[str], port: int, log_path: Path, startup_timeout_s: float, env: dict) -> Iterator[str]:
-    """Start the server ``argv`` (listening on ``port``), wait for /health, yield its /v1 URL."""
+def running(
+    argv: list[str], port: int, log_path: Path, startup_timeout_s: float, env: dict
+) -> Iterator[tuple[str, int]]:
+    """Start the server ``argv`` (listening on ``port``), wait for /health, yield its /v1 URL
+    and its process group (whose members' memory the serving benchmark reads)."""
     base = f"http://127.0.0.1:{port}"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
@@ -55,6 +58,6 @@ def running(argv: list[str], port: int, log_path: Path, startup_timeout_s: float
                     if time.monotonic() > deadline:
                         raise ServerFailed(f"vLLM server (not healthy after {startup_timeout_s} s)", None, log_path)
                     time.sleep(1)
-            yield f"{base}/v1"
+            yield f"{base}/v1", proc.pid
         finally:
             child.stop(proc, grace_s=30)

@@ -53,15 +53,23 @@ def connect(mlflow, cfg: TrackingConfig) -> str:
         return _experiment_id(mlflow, cfg)
 
 
+# MLflow 3's UI opens an experiment of unknown kind on its GenAI overview (traces); this
+# experiment holds training-style runs (params, metrics, artifacts), so it says so.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(mlflow, cfg: TrackingConfig) -> str:
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is not None:
+        for tag, value in EXPERIMENT_KIND.items():
+            if tag not in exp.tags:  # an experiment made before the harness set it
+                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, tag, value)
         return exp.experiment_id
     location = cfg.artifact_root  # None: the tracking server's own artifact store
     if location and "://" not in location:
         location = Path(location).resolve().as_uri()
     try:
-        return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+        return mlflow.create_experiment(cfg.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # a parallel job created it first
         exp = mlflow.get_experiment_by_name(cfg.experiment)
         if exp is None:
@@ -161,6 +169,9 @@ def log_run(cfg: TrackingConfig, rec: RunRecord, samples: dict | None = None, fo
             )
         if rec.eval.seconds is not None:
             mlflow.log_metric("eval/seconds", rec.eval.seconds)
+        if rec.perf is not None:
+            mlflow.log_metrics(perf_metrics(rec.perf))
+            mlflow.set_tags(perf_tags(rec.perf))
         mlflow.log_table(pd.DataFrame([m.model_dump() for m in rec.table]), artifact_file="lm_eval_table.json")
         mlflow.log_text(table(rec.lm_eval), "lm_eval_table.md")
         mlflow.log_dict(rec.config, "config.yaml")
@@ -174,6 +185,35 @@ def log_run(cfg: TrackingConfig, rec: RunRecord, samples: dict | None = None, fo
                 if Path(path).is_file():
                     mlflow.log_artifact(path, artifact_path=folder)
         return run.info.run_id
+
+
+def perf_metrics(perf) -> dict[str, float]:
+    """``perf/<metric>`` (median over the repeats) and ``perf/<metric>_spread``."""
+    out = {}
+    for name, m in perf.metrics.items():
+        out[f"perf/{name}"] = m["median"]
+        out[f"perf/{name}_spread"] = m["spread"]
+    if perf.peak_memory_gb is not None:
+        out[f"perf/peak_{perf.memory_kind}_gb"] = perf.peak_memory_gb
+    return out
+
+
+def perf_tags(perf) -> dict[str, str]:
+    if not perf.measured:
+        return {"perf": f"not measured: {perf.reason}"}
+    return {"perf": f"{perf.settings.num_prompts} x {perf.input_len}+{perf.output_len} tokens, {perf.workload}"}
+
+
+def log_perf(cfg: TrackingConfig, rec: RunRecord) -> None:
+    """A serving cost measured for a run logged earlier: onto that MLflow run."""
+    import mlflow
+
+    connect(mlflow, cfg)
+    client = mlflow.MlflowClient()
+    for name, value in perf_metrics(rec.perf).items():
+        client.log_metric(rec.mlflow_run_id, name, value)
+    for name, value in perf_tags(rec.perf).items():
+        client.set_tag(rec.mlflow_run_id, name, value)
 
 
 def log_or_defer(cfg: TrackingConfig, rec: RunRecord, samples: dict | None, force: bool = False) -> RunRecord:

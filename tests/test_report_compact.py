@@ -136,7 +136,9 @@ def visible(block: str) -> list[str]:
 
 def table_rows(block: str, section_prefix: str) -> list[list[str]]:
     """The cells of the compact table under the section whose title starts with the prefix."""
-    part = block.split(f"### {section_prefix}", 1)[1].split("\n\n", 2)[1]
+    after = block.split(f"### {section_prefix}", 1)[1].split("\n### ", 1)[0]
+    # the section's first table: the plot's image line may come before it
+    part = next(p for p in after.split("\n\n") if p.startswith("|"))
     lines = [line for line in part.splitlines() if line.startswith("|")]
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
 

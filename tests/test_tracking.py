@@ -90,3 +90,18 @@ def test_sync_command_refuses_a_server_that_is_down(tmp_path):
     results = pending_store(tmp_path)
     assert tracking.main(["sync", "--results", str(results), "--uri", DEAD]) == 2
     assert len(Store(results).pending()) == 7
+
+
+def test_the_experiment_says_it_holds_model_runs_so_the_ui_opens_on_them(tmp_path):
+    """MLflow 3's UI opens an experiment without ``mlflow.experimentKind`` on its GenAI
+    overview; the harness's experiment (new, or one made before it set the tag) declares itself
+    a model-development experiment."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    old = client.create_experiment("made-before", artifact_location=(tmp_path / "a").as_uri())
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    for name in ("autoround-exp", "made-before"):
+        exp_id = tracking.connect(mlflow, TrackingConfig(uri=uri, experiment=name, artifact_root=str(tmp_path / "a")))
+        assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"

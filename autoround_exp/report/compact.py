@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from autoround_exp.report import plots, tables
+from autoround_exp.report import cost, plots, tables
 from autoround_exp.report.runs import Row, Run, Section
 
 # A config scored by several backends shows the first of these; the others are in report.md.
@@ -131,12 +131,17 @@ class CompactSection:
         headers = ["Config"]
         for g in self.groups:
             headers += [g.header, "recovery", "Δ vs RTN"]
+        perf = any(r.first.record.perf is not None for r in self.rows)
+        if perf:
+            headers.append("Output tok/s (× base)")
         headers += varying
         body = []
         for i, row in enumerate(self.rows):
             cells = [row.first.short_label]
             for g in self.groups:
                 cells += list(g.cells[i])
+            if perf:
+                cells.append(cost.throughput_cell(self.section, row))
             for name in varying:
                 if name == "Backend":
                     cells.append(row.first.config[3] + (" ⚠" if row.first.record.eval.note else ""))
@@ -261,6 +266,10 @@ def render_block(
             if png is not None and png.is_file():
                 rel = Path(os.path.relpath(png, link_from)).as_posix()
                 parts.append(f"![accuracy vs AutoRound iters, {section.title}]({rel})")
+            pareto = plots_dir / f"{section.slug}-pareto.png"
+            if cost.has_perf(section) and pareto.is_file():
+                rel = Path(os.path.relpath(pareto, link_from)).as_posix()
+                parts.append(f"![accuracy vs throughput, {section.title}]({rel})")
         parts += [cs.table(), cs.caption(), *cs.notes()]
         below += cs.below_threshold
         model = section.key.model

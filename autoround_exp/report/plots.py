@@ -61,6 +61,13 @@ def accuracy_vs_iters(section: Section, path: Path, write: bool = True) -> Path 
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(section.title, fontsize=10)
+    return save(fig, path)
+
+
+def save(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path``, leaving the file alone when its bytes are unchanged."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from autoround_exp.report import plots, tables
+from autoround_exp.report import cost, plots, tables
 from autoround_exp.report.runs import Run, sections
 
 PUBLISHED = Path(__file__).with_name("published.yaml")
@@ -25,6 +25,12 @@ class Report:
 
 def published() -> dict:
     return yaml.safe_load(PUBLISHED.read_text())
+
+
+def _image(report: Report, parts: list[str], png: Path | None, alt: str, link_from: Path) -> None:
+    if png is not None:
+        report.plots.append(png)
+        parts.append(f"![{alt}]({Path(os.path.relpath(png, link_from)).as_posix()})")
 
 
 def render(
@@ -54,13 +60,19 @@ def render(
         parts.append(f"### {section.title}")
         if plots_dir is not None:
             png = plots.accuracy_vs_iters(section, plots_dir / f"{section.slug}.png", write_plots)
-            if png is not None:
-                report.plots.append(png)
-                rel = Path(os.path.relpath(png, link_from)).as_posix()
-                parts.append(f"![accuracy vs AutoRound iters, {section.title}]({rel})")
+            _image(report, parts, png, f"accuracy vs AutoRound iters, {section.title}", link_from)
         table, below = tables.comparison_table(section, thresholds, alpha)
         report.below_threshold += below
         parts.append(table)
+        if (cost_table := cost.table(section)) is not None:
+            parts.append(
+                "Serving cost (`vllm bench serve` against `vllm serve` of the checkpoint, whichever backend scored its "
+                "accuracy; median ± half the spread of the repeats):"
+            )
+            if plots_dir is not None:
+                png = cost.pareto_plot(section, plots_dir / f"{section.slug}-pareto.png", write_plots)
+                _image(report, parts, png, f"accuracy vs throughput, {section.title}", link_from)
+            parts.append(cost_table)
         notes = {r.first.record.eval.note for r in section.rows if r.first.record.eval.note}
         notes |= {w for r in section.rows if (w := r.first.record.eval.bos_warning)}
         parts += [f"⚠ {n}" for n in sorted(notes)]
