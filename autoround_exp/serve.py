@@ -141,11 +141,10 @@ def probe(python: str) -> dict:
     info = json.loads(out.stdout.strip().splitlines()[-1])
     info["python"] = python
     if cached is not None:
+        from autoround_exp.store import write_atomic
+
         with contextlib.suppress(OSError):  # a read-only cache only costs the next process a probe
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f".{cached.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(info, sort_keys=True))
-            tmp.replace(cached)
+            write_atomic(cached, json.dumps(info, sort_keys=True))
     return info
 
 
