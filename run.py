@@ -44,8 +44,13 @@ def main(cfg: DictConfig) -> None:
     if (gpu := gpu_of_job(hc.job.num if multirun else 0, cfg.get("gpus"))) is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # this job's children (quantize, vLLM) see that GPU only
         print(f"[gpu] job {hc.job.num if multirun else 0} on GPU {gpu}", flush=True)
+    parent = None
+    if multirun:
+        from autoround_exp.tracking import sweep_parent
+
+        parent = sweep_parent(hc.sweep.dir)  # the sweep's MLflow run: this job's runs nest under it
     try:
-        outcomes = run_experiment(exp, sweep_id(), stop_on_config_error=not multirun)
+        outcomes = run_experiment(exp, sweep_id(), stop_on_config_error=not multirun, parent_run_id=parent)
     except ConfigError as e:  # found only once the data was read (calibration): what is stored stays
         print(f"autoround-exp: {e}", file=sys.stderr)
         sys.exit(2)

@@ -85,11 +85,12 @@ def stop(proc: subprocess.Popen, grace_s: float = 20) -> None:
         watchdog.wait()
 
 
-def start(argv: list[str], log, env: dict | None = None) -> subprocess.Popen:
+def start(argv: list[str], log, env: dict | None = None, stdin=None) -> subprocess.Popen:
     """Start ``argv`` (never through a shell) in a process group of its own, output to ``log``,
     with a watchdog that ends the group if the harness dies (``stop`` ends both)."""
     proc = subprocess.Popen(
         argv,
+        stdin=stdin,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -107,16 +108,52 @@ def run(
     runs, the console shows ``stage`` (default ``what``) and the progress its log reports."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
-        proc = start(argv, log, env)
+        wait(start(argv, log, env), log_path, timeout_s, what, stage)
+
+
+class Prestarted:
+    """A child started ahead of its work (``warm.py``): its interpreter and imports load while
+    the harness does something else; ``run`` lets it go and waits as ``run()`` does, ``cancel``
+    ends it having run nothing."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict | None = None, command: list[str] | None = None):
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self.command = command  # what it will run once let go, as a plain command line
+        with log_path.open("w") as log:
+            self.proc = start(argv, log, env, stdin=subprocess.PIPE)
+
+    def run(self, timeout_s: float, what: str, stage: str | None = None) -> None:
         try:
-            with progress.watching(log_path, stage or what):
-                rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            stop(proc)
-            raise ChildFailed(what, None, log_path) from None
-        except BaseException:
-            stop(proc)
-            raise
-        stop(proc, grace_s=5)
+            self.proc.stdin.write(b"go\n")
+            self.proc.stdin.close()
+        except BrokenPipeError:  # it died while loading: its exit status and log say why
+            pass
+        wait(self.proc, self.log_path, timeout_s, what, stage)
+
+    def cancel(self) -> None:
+        """End it unrun; its log (imports only, if it never ran) goes with it."""
+        ran = self.proc.stdin.closed
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        stop(self.proc, grace_s=5)
+        if not ran:
+            self.log_path.unlink(missing_ok=True)
+
+
+def wait(proc: subprocess.Popen, log_path: Path, timeout_s: float, what: str, stage: str | None = None) -> None:
+    """Wait for a started child as ``run`` does: progress, timeout, the group ended after."""
+    try:
+        with progress.watching(log_path, stage or what):
+            rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise ChildFailed(what, None, log_path) from None
+    except BaseException:
+        stop(proc)
+        raise
+    stop(proc, grace_s=5)
     if rc != 0:
         raise ChildFailed(what, rc, log_path)

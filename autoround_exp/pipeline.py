@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from autoround_exp import lmeval_results, perf, store
 from autoround_exp.config import AUTOROUND_METHODS, ConfigError, Experiment, MethodConfig
-from autoround_exp.evaluate import evaluate
+from autoround_exp.evaluate import evaluate, prestart
 from autoround_exp.quantize import CALIBRATION_FILE, RESULT_FILE, QuantResult, quantize
 from autoround_exp.record import (
     EvalSettings,
@@ -55,15 +55,19 @@ def run_name(exp: Experiment) -> str:
     return name
 
 
-def run_one(exp: Experiment, sweep_id: str, stop_on_config_error: bool = True) -> Outcome:
+def run_one(
+    exp: Experiment, sweep_id: str, stop_on_config_error: bool = True, parent_run_id: str | None = None
+) -> Outcome:
     qkey, key = store.keys(exp)
     # one job at a time per run key: a parallel job that needs the same run (a shared
     # baseline) waits, then finds it stored
     with store.locked(Path(exp.paths.work).resolve() / "locks" / f"run-{key}.lock"):
-        return _run_one(exp, sweep_id, qkey, key, stop_on_config_error)
+        return _run_one(exp, sweep_id, qkey, key, stop_on_config_error, parent_run_id)
 
 
-def _run_one(exp: Experiment, sweep_id: str, qkey: str, key: str, stop_on_config_error: bool) -> Outcome:
+def _run_one(
+    exp: Experiment, sweep_id: str, qkey: str, key: str, stop_on_config_error: bool, parent_run_id: str | None
+) -> Outcome:
     results = store.Store(exp.paths.results)
     name = run_name(exp)
     found = results.find(key)
@@ -73,28 +77,44 @@ def _run_one(exp: Experiment, sweep_id: str, qkey: str, key: str, stop_on_config
         return Outcome(name, key, "reused", found.metrics, found.mlflow_run_id, str(results.path_of(key)))
 
     print(f"[run] {name} key={key} {describe_backend(exp)}", flush=True)
+    if exp.tracking.enabled:  # MLflow's import and store set-up overlap the children's work
+        from autoround_exp.tracking import prepare
+
+        tracking_ready = prepare(exp.tracking)
     work = Path(exp.paths.work).resolve()
     logs = work / "logs" / key
     quant: QuantResult | None = None
+    started_at, stages = time.strftime("%Y-%m-%dT%H:%M:%S%z"), {}
+    t = time.perf_counter()
+    pre = None
     try:
         if exp.quantized:
             ckpt = work / "checkpoints" / qkey / exp.checkpoint_name
             if exp.force and (ckpt / "quantization.json").exists():
                 (ckpt / "quantization.json").unlink()
+            # lm-eval's interpreter and imports load while the checkpoint is made
+            pre = prestart(exp, str(ckpt), work / "evals" / key, logs)
             with store.locked(work / "locks" / f"quant-{qkey}.lock"):  # one checkpoint per quant key
                 quant = quantize(exp, ckpt, logs / "quantize.log")
             checkpoint = quant.checkpoint
+            stages["quantize"] = round(time.perf_counter() - t, 3)
         else:
             checkpoint = exp.model.path
-        ev = evaluate(exp, checkpoint, work / "evals" / key, logs)
-    except ConfigError as err:
-        # the user's input, found late (calibration data). A single run stops with the message
-        # alone; in a sweep it is this job's failure, and the other jobs go on.
-        if not stop_on_config_error:
-            record_failure(exp, name, key, qkey, sweep_id, err, logs)
-        raise
-    except Exception as err:
-        record_failure(exp, name, key, qkey, sweep_id, err, logs)
+        t = time.perf_counter()
+        ev = evaluate(exp, checkpoint, work / "evals" / key, logs, pre=pre)
+        stages["evaluate"] = round(time.perf_counter() - t, 3)
+    except BaseException as err:
+        if pre is not None:  # nothing to evaluate: it goes without running
+            pre.cancel()
+        if not isinstance(err, Exception):
+            raise
+        if isinstance(err, ConfigError):
+            # the user's input, found late (calibration data). A single run stops with the message
+            # alone; in a sweep it is this job's failure, and the other jobs go on.
+            if not stop_on_config_error:
+                record_failure(exp, name, key, qkey, sweep_id, err, logs, started_at, parent_run_id)
+            raise
+        record_failure(exp, name, key, qkey, sweep_id, err, logs, started_at, parent_run_id)
         raise
 
     results_json = lmeval_results.load(ev.results_path)
@@ -114,6 +134,8 @@ def _run_one(exp: Experiment, sweep_id: str, qkey: str, key: str, stop_on_config
         quant_key=qkey,
         sweep_id=sweep_id,
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        started_at=started_at,
+        stages=stages,
         model=ModelRef(
             name=exp.model.name,
             path=exp.model.path,
@@ -158,16 +180,21 @@ def _run_one(exp: Experiment, sweep_id: str, qkey: str, key: str, stop_on_config
         versions=store.versions(),
         config=exp.resolved,
         artifacts=artifacts,
+        tracking=Tracking(parent_run_id=parent_run_id),
     )
     perf_error = None
     if exp.perf.enabled:
+        t = time.perf_counter()
         try:
             rec.perf = perf.measure(exp, checkpoint, ev.samples_paths, work / "perf" / key, logs)
         except Exception as err:  # the accuracy result stands: stored without its serving cost
             perf_error = err
+        rec.stages = {**rec.stages, "perf": round(time.perf_counter() - t, 3)}
+        rec.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if exp.tracking.enabled:
         from autoround_exp.tracking import log_or_defer
 
+        tracking_ready.join()
         rec = log_or_defer(exp.tracking, rec, samples, force=exp.force)
     path = results.save(rec, samples)
     if perf_error is not None:
@@ -183,16 +210,19 @@ def with_perf(exp: Experiment, rec: RunRecord, results: store.Store) -> RunRecor
     """A stored run with its serving cost under ``exp.perf``'s settings: reused when measured
     with them before, else measured now on its checkpoint and stored (and logged) with it."""
     settings = PerfSettings.of(exp.perf)
-    if rec.perf is not None and rec.perf.settings == settings:
+    if rec.perf is not None and rec.perf.settings == settings and not exp.perf.remeasure:
         return rec
-    print(f"[perf] {rec.name} key={rec.key}: measuring the serving cost of the stored run", flush=True)
+    again = " again (perf.remeasure)" if rec.perf is not None and rec.perf.settings == settings else ""
+    print(f"[perf] {rec.name} key={rec.key}: measuring the serving cost of the stored run{again}", flush=True)
     work = Path(exp.paths.work).resolve()
     samples = [p for p in rec.artifacts.get("lm_eval", []) if Path(p).name.startswith("samples_")]
+    t = time.perf_counter()
     try:
         measured = perf.measure(exp, rec.checkpoint, samples, work / "perf" / rec.key, work / "logs" / rec.key)
     except Exception as err:
         raise PerfFailed(f"serving benchmark: {err}") from err
-    rec = rec.model_copy(update={"perf": measured})
+    stages = {**rec.stages, "perf": round(time.perf_counter() - t, 3)}
+    rec = rec.model_copy(update={"perf": measured, "stages": stages})
     results.save(rec)
     if exp.tracking.enabled and rec.mlflow_run_id:
         from autoround_exp.tracking import log_perf
@@ -204,27 +234,41 @@ def with_perf(exp: Experiment, rec: RunRecord, results: store.Store) -> RunRecor
     return rec
 
 
-def record_failure(exp: Experiment, name: str, key: str, qkey: str, sweep_id: str, err: Exception, logs: Path) -> None:
+def record_failure(
+    exp: Experiment,
+    name: str,
+    key: str,
+    qkey: str,
+    sweep_id: str,
+    err: Exception,
+    logs: Path,
+    started_at: str | None = None,
+    parent_run_id: str | None = None,
+) -> None:
     """Keep what a failed job left (error, logs), apart from finished runs so it is never reused."""
     rec = FailureRecord(
         name=name,
         key=key,
         quant_key=qkey,
         sweep_id=sweep_id,
+        started_at=started_at,
         failed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         error=str(err)[-4000:],
         logs=sorted(str(p) for p in logs.glob("*.log")),
         backend=exp.serve.backend,
         backend_reason=exp.serve_choice.reason,
         config=exp.resolved,
+        tracking=Tracking(parent_run_id=parent_run_id),
     )
     if exp.tracking.enabled:
         from autoround_exp.tracking import log_failure
 
         try:
-            rec.tracking = Tracking(status="logged", run_id=log_failure(exp.tracking, rec, force=exp.force))
+            run_id = log_failure(exp.tracking, rec, force=exp.force)
+            rec.tracking = Tracking(status="logged", run_id=run_id, parent_run_id=parent_run_id)
         except Exception as e:  # the failure is kept on disk whatever MLflow does
-            rec.tracking = Tracking(status="pending", error=f"{type(e).__name__}: {e}"[:500])
+            error = f"{type(e).__name__}: {e}"[:500]
+            rec.tracking = Tracking(status="pending", error=error, parent_run_id=parent_run_id)
     path = store.Store(exp.paths.results).save_failure(rec)
     print(f"[failed] {name} key={key} record={path}", flush=True)
 
@@ -235,7 +279,9 @@ def describe_backend(exp: Experiment) -> str:
     return text + (f" NOTE: {c.note}" if c.note else "")
 
 
-def run_experiment(exp: Experiment, sweep_id: str, stop_on_config_error: bool = True) -> list[Outcome]:
+def run_experiment(
+    exp: Experiment, sweep_id: str, stop_on_config_error: bool = True, parent_run_id: str | None = None
+) -> list[Outcome]:
     """The job and its baselines. One that fails is recorded (results/failed/, MLflow FAILED)
     and the others still run; its outcome has status ``failed``. A config error found only
     once the data is read (``ConfigError``) is raised when ``stop_on_config_error`` (a single
@@ -246,7 +292,7 @@ def run_experiment(exp: Experiment, sweep_id: str, stop_on_config_error: bool = 
     outcomes = []
     for job in [*baselines_of(exp), exp]:
         try:
-            outcome = run_one(job, sweep_id, stop_on_config_error)
+            outcome = run_one(job, sweep_id, stop_on_config_error, parent_run_id)
         except Exception as err:  # recorded by run_one; the sweep goes on
             if isinstance(err, ConfigError) and stop_on_config_error:
                 raise

@@ -166,6 +166,7 @@ class Tracking(_Strict):
     status: Literal["logged", "pending", "disabled"] = "disabled"
     run_id: str | None = None
     error: str | None = None
+    parent_run_id: str | None = None  # the MLflow run of the -m sweep that ran it (None: a single run)
 
 
 class RunRecord(_Strict):
@@ -175,6 +176,10 @@ class RunRecord(_Strict):
     quant_key: str
     sweep_id: str
     finished_at: str
+    started_at: str | None = None  # when this run's work began (None: a record from before it was kept)
+    # wall seconds of each stage as the harness timed it: quantize (the child, or 0 for a reused
+    # checkpoint), evaluate (server and lm-eval), perf; what MLflow gets as time/<stage>_s
+    stages: dict[str, float] = Field(default_factory=dict)
     model: ModelRef
     scheme: str | None  # the scheme config's name (None: unquantized)
     scheme_preset: str | None  # llm-compressor's preset name, as tables show it (NVFP4, W4A16)
@@ -215,6 +220,7 @@ class FailureRecord(_Strict):
     quant_key: str
     sweep_id: str
     status: Literal["failed"] = "failed"
+    started_at: str | None = None
     failed_at: str
     error: str
     logs: list[str]

@@ -52,4 +52,11 @@ class ValidateSweep(Callback):
                     print(f"autoround-exp: job [{' '.join(overrides)}]: {e}", file=sys.stderr)
                     sys.exit(2)
         # job k/N in the progress display: each job knows only its own number
-        write_total(Path(config.hydra.sweep.dir), len(jobs))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        write_total(sweep_dir, len(jobs))
+        # the sweep's MLflow run, its jobs' runs nested under it
+        from autoround_exp.config import TrackingConfig
+        from autoround_exp.tracking import open_sweep
+
+        tracking = TrackingConfig(**OmegaConf.to_container(config.tracking, resolve=True))
+        open_sweep(tracking, sweep_dir, sweep_dir.name, list(config.hydra.overrides.task))

@@ -84,6 +84,22 @@ def summarize(sweep_dir: Path) -> tuple[str, int]:
     return "\n".join([head, *failed_lines]), counts["failed"]
 
 
+def close_parent(config: DictConfig, sweep_dir: Path, table: str | None, failed: int) -> None:
+    """The sweep's MLflow parent run gets the results table and ends (FAILED if a run failed)."""
+    from autoround_exp.config import TrackingConfig
+    from autoround_exp.tracking import close_sweep, sweep_parent
+
+    parent = sweep_parent(sweep_dir)
+    if parent is None:
+        return
+    outcomes = [o for path in (sweep_dir / JOBS).glob("*.json") for o in json.loads(path.read_text())["outcomes"]]
+    try:
+        cfg = TrackingConfig(**OmegaConf.to_container(config.tracking, resolve=True))
+        close_sweep(cfg, parent, outcomes, table, failed)
+    except Exception as e:  # the runs are stored and logged; only the sweep's summary run is short
+        print(f"WARNING: ending the sweep's MLflow run {parent} failed: {type(e).__name__}: {e}", flush=True)
+
+
 class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -93,6 +109,7 @@ class SweepSummary(Callback):
             table = f"(results table failed: {type(e).__name__}: {e})"
         text, failed = summarize(sweep_dir)
         print("\n".join(t for t in (table, text) if t), flush=True)
+        close_parent(config, sweep_dir, table, failed)
         if failed:
             print("autoround-exp: some runs failed; their logs are in results/failed/ and MLflow", file=sys.stderr)
             sys.exit(1)

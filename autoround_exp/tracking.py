@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 from autoround_exp.config import TrackingConfig, redact_uri
@@ -111,10 +112,23 @@ def _identity_tags(rec: RunRecord | FailureRecord) -> dict[str, str]:
     }
 
 
+def mlflow_name(name: str, backend: str, limit: int | None) -> str:
+    """The run's name in MLflow's list: the config (model, scheme, method, iters), then what else
+    tells two runs of it apart there — the backend that scored it, and a limit when one is set."""
+    return f"{name} {backend}" + (f" limit={limit}" if limit is not None else "")
+
+
+def _parent_tag(rec: RunRecord | FailureRecord) -> dict[str, str]:
+    """MLflow nests a run under the one its ``mlflow.parentRunId`` names: the sweep's."""
+    parent = rec.tracking.parent_run_id
+    return {"mlflow.parentRunId": parent} if parent else {}
+
+
 def _tags(rec: RunRecord) -> dict[str, str]:
     ev, p = rec.eval, rec.eval.platform
     tags = {
         **_identity_tags(rec),
+        **_parent_tag(rec),
         "model": rec.model.name,
         "scheme": rec.scheme or "none",
         "method": rec.method,
@@ -153,8 +167,14 @@ def log_run(cfg: TrackingConfig, rec: RunRecord, samples: dict | None = None, fo
     earlier = settle_earlier_runs(mlflow, exp_id, rec.key, force)
     if earlier is not None:
         return earlier
-    with mlflow.start_run(experiment_id=exp_id, run_name=rec.name, tags=_tags(rec)) as run:
+    client = mlflow.MlflowClient()
+    # the run spans the job's real work (MLflow would otherwise show the seconds of logging)
+    name = mlflow_name(rec.name, rec.eval.backend, rec.eval_settings.limit)
+    created = client.create_run(exp_id, start_time=epoch_ms(rec.started_at), tags=_tags(rec), run_name=name)
+    with mlflow.start_run(run_id=created.info.run_id) as run:
         mlflow.log_params(flatten(rec.config))
+        if rec.stages:
+            mlflow.log_metrics({f"time/{stage}_s": seconds for stage, seconds in rec.stages.items()})
         calibration = rec.calibration.model_dump() if rec.calibration else {}
         mlflow.log_params({f"calibration_used.{k}": str(v) for k, v in calibration.items()})
         mlflow.log_metrics(rec.metrics)
@@ -176,7 +196,8 @@ def log_run(cfg: TrackingConfig, rec: RunRecord, samples: dict | None = None, fo
         mlflow.log_text(table(rec.lm_eval), "lm_eval_table.md")
         mlflow.log_dict(rec.config, "config.yaml")
         # What `python -m autoround_exp.report --mlflow URI` rebuilds its tables from.
-        logged = rec.model_copy(update={"tracking": Tracking(status="logged", run_id=run.info.run_id)})
+        tracked = Tracking(status="logged", run_id=run.info.run_id, parent_run_id=rec.tracking.parent_run_id)
+        logged = rec.model_copy(update={"tracking": tracked})
         mlflow.log_dict(json.loads(logged.model_dump_json()), "record.json")
         if samples is not None:
             mlflow.log_dict(samples, "samples.json")
@@ -184,7 +205,17 @@ def log_run(cfg: TrackingConfig, rec: RunRecord, samples: dict | None = None, fo
             for path in paths:
                 if Path(path).is_file():
                     mlflow.log_artifact(path, artifact_path=folder)
-        return run.info.run_id
+    client.set_terminated(run.info.run_id, "FINISHED", end_time=epoch_ms(rec.finished_at))
+    return run.info.run_id
+
+
+def epoch_ms(stamp: str | None) -> int | None:
+    """A record's ``%Y-%m-%dT%H:%M:%S%z`` time in MLflow's milliseconds (None: MLflow's now)."""
+    if not stamp:
+        return None
+    from datetime import datetime
+
+    return int(datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z").timestamp() * 1000)
 
 
 def perf_metrics(perf) -> dict[str, float]:
@@ -214,11 +245,34 @@ def log_perf(cfg: TrackingConfig, rec: RunRecord) -> None:
         client.log_metric(rec.mlflow_run_id, name, value)
     for name, value in perf_tags(rec.perf).items():
         client.set_tag(rec.mlflow_run_id, name, value)
+    if "perf" in rec.stages:
+        client.log_metric(rec.mlflow_run_id, "time/perf_s", rec.stages["perf"])
+
+
+def prepare(cfg: TrackingConfig) -> threading.Thread:
+    """Import MLflow and open (on first use: create) its store and experiment in a background
+    thread, while the job's children quantize and evaluate: the logging at the job's end then
+    finds them ready. Its errors are left for that logging to meet and report."""
+
+    def warm() -> None:
+        try:
+            import lm_eval.utils  # noqa: F401 - its table
+            import mlflow
+            import pandas  # noqa: F401 - log_table's
+
+            connect(mlflow, cfg)
+        except Exception:  # noqa: S110 - log_or_defer meets it again and keeps the run pending
+            pass
+
+    thread = threading.Thread(target=warm, name="mlflow-prepare", daemon=True)
+    thread.start()
+    return thread
 
 
 def log_or_defer(cfg: TrackingConfig, rec: RunRecord, samples: dict | None, force: bool = False) -> RunRecord:
     """The record with where MLflow has it. A tracking store that fails now costs no finished
     work: the record is kept as ``pending`` and ``python -m autoround_exp.tracking sync`` logs it."""
+    parent = rec.tracking.parent_run_id
     try:
         run_id = log_run(cfg, rec, samples, force)
     except Exception as e:
@@ -227,8 +281,9 @@ def log_or_defer(cfg: TrackingConfig, rec: RunRecord, samples: dict | None, forc
             f"{str(e)[:300]}); the run is stored as pending: `python -m autoround_exp.tracking sync` logs it.",
             flush=True,
         )
-        return rec.model_copy(update={"tracking": Tracking(status="pending", error=f"{type(e).__name__}: {e}"[:500])})
-    return rec.model_copy(update={"tracking": Tracking(status="logged", run_id=run_id)})
+        pending = Tracking(status="pending", error=f"{type(e).__name__}: {e}"[:500], parent_run_id=parent)
+        return rec.model_copy(update={"tracking": pending})
+    return rec.model_copy(update={"tracking": Tracking(status="logged", run_id=run_id, parent_run_id=parent)})
 
 
 def log_failure(cfg: TrackingConfig, rec: FailureRecord, force: bool = False) -> str:
@@ -237,17 +292,105 @@ def log_failure(cfg: TrackingConfig, rec: FailureRecord, force: bool = False) ->
 
     exp_id = connect(mlflow, cfg)
     settle_earlier_runs(mlflow, exp_id, rec.key, force)
-    tags = {**_identity_tags(rec), "eval_backend": rec.backend}
-    run = mlflow.start_run(experiment_id=exp_id, run_name=rec.name, tags=tags)
+    tags = {**_identity_tags(rec), **_parent_tag(rec), "eval_backend": rec.backend}
+    client = mlflow.MlflowClient()
+    # from the job's start to its failure
+    name = mlflow_name(rec.name, rec.backend, (rec.config.get("eval") or {}).get("limit"))
+    run = client.create_run(exp_id, start_time=epoch_ms(rec.started_at), tags=tags, run_name=name)
     try:
-        mlflow.log_params(flatten(rec.config))
-        mlflow.log_text(rec.error, "error.txt")
-        for path in rec.logs:
-            if Path(path).is_file():
-                mlflow.log_artifact(path, artifact_path="logs")
+        with mlflow.start_run(run_id=run.info.run_id):
+            mlflow.log_params(flatten(rec.config))
+            mlflow.log_text(rec.error, "error.txt")
+            for path in rec.logs:
+                if Path(path).is_file():
+                    mlflow.log_artifact(path, artifact_path="logs")
     finally:
-        mlflow.end_run(status="FAILED")
+        client.set_terminated(run.info.run_id, "FAILED", end_time=epoch_ms(rec.failed_at))
     return run.info.run_id
+
+
+# ---------------------------------------------------------------- a sweep's parent run
+
+PARENT_FILE = "mlflow_parent.json"  # in the sweep's folder: the parent run every job nests under
+SWEEP_TAG = "autoround_exp.sweep"
+
+
+def open_sweep(cfg: TrackingConfig, sweep_dir: Path, sweep_id: str, overrides: list[str]) -> str | None:
+    """The parent run of a ``-m`` sweep, started as the sweep starts (its jobs nest under it;
+    ``close_sweep`` ends it); its id in the sweep's folder for jobs in other processes. None,
+    with a warning, where MLflow fails: the jobs are then top-level runs, nothing else changes."""
+    if not cfg.enabled:
+        return None
+    try:
+        import mlflow
+
+        exp_id = connect(mlflow, cfg)
+        name = " ".join(["sweep", sweep_id, *overrides])
+        tags = {SWEEP_TAG: "true", "sweep_id": sweep_id, "overrides": " ".join(overrides)}
+        tags["git_commit"] = git_commit() or "unknown"
+        run_id = mlflow.MlflowClient().create_run(exp_id, tags=tags, run_name=name).info.run_id
+    except Exception as e:
+        print(f"WARNING: no MLflow parent run for this sweep ({type(e).__name__}: {str(e)[:200]})", flush=True)
+        return None
+    from autoround_exp.store import write_atomic
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(sweep_dir / PARENT_FILE, json.dumps({"run_id": run_id, "uri": redact_uri(cfg.uri)}))
+    return run_id
+
+
+def sweep_parent(sweep_dir: str | Path | None) -> str | None:
+    """The parent run id ``open_sweep`` wrote for this sweep, if any."""
+    path = Path(sweep_dir) / PARENT_FILE if sweep_dir else None
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("run_id")
+
+
+def close_sweep(cfg: TrackingConfig, run_id: str, outcomes: list[dict], results_md: str | None, failed: int) -> None:
+    """End the sweep's parent run: its results table (markdown and an MLflow table), the runs
+    it reused from earlier sweeps (linked by id, not logged again), and FINISHED or FAILED."""
+    import mlflow
+    import pandas as pd
+
+    connect(mlflow, cfg)
+    client = mlflow.MlflowClient()
+    by_key: dict[str, list[dict]] = {}
+    for o in outcomes:
+        by_key.setdefault(o["key"], []).append(o)
+    status = {}  # per run: done if any job computed it, else failed if one failed, else reused
+    for key, seen in by_key.items():
+        first = next(s for s in ("done", "failed", "reused") if any(o["status"] == s for o in seen))
+        status[key] = next(o for o in seen if o["status"] == first)
+    reused = sorted(o["mlflow_run_id"] for o in status.values() if o["status"] == "reused" and o["mlflow_run_id"])
+    client.set_tag(run_id, "reused_run_ids", ",".join(reused))
+    for name in ("done", "reused", "failed"):
+        client.log_metric(run_id, f"sweep/{name}_runs", sum(o["status"] == name for o in status.values()))
+    if results_md:
+        client.log_text(run_id, results_md, "results.md")
+        rows = markdown_rows(results_md)
+        if rows:
+            client.log_table(run_id, pd.DataFrame(rows), "results_table.json")
+    client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+
+def markdown_rows(md: str) -> list[dict[str, str]]:
+    """The rows of the first markdown table in ``md``, keyed by its header."""
+    lines = [line.strip() for line in md.splitlines()]
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), None)
+    if start is None or start + 1 >= len(lines):
+        return []
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    header = [h or f"column {i}" for i, h in enumerate(cells(lines[start]))]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, cells(line), strict=False)))
+    return rows
 
 
 # ---------------------------------------------------------------- at the door, and later
@@ -301,7 +444,7 @@ def sync(results: Path, cfg: TrackingConfig) -> tuple[int, int]:
             print(f"[pending] {path.name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             failed += 1
             continue
-        rec.tracking = Tracking(status="logged", run_id=run_id)
+        rec.tracking = Tracking(status="logged", run_id=run_id, parent_run_id=rec.tracking.parent_run_id)
         write_atomic(path, rec.to_json())
         print(f"[logged] {path.name} mlflow_run={run_id}", flush=True)
         logged += 1

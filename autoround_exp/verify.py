@@ -8,8 +8,9 @@ quantization, before the checkpoint gets its name.
   name (or one quantized that it does), fails the job naming the layers.
 - AutoRound's tuning (iters > 0): the fraction of weight codes that differ from
   round-to-nearest of the original weights under the tuned scales, on a sample of layers.
-  0 means the tuned rounding never reached the weights (llm-compressor has shipped such a
-  silent no-op); it fails the job.
+  0 means the checkpoint is round-to-nearest under an AutoRound label: the tuned rounding never
+  reached the weights (llm-compressor has shipped such a silent no-op), or no iteration
+  improved on the start in any block (too few iters); it fails the job.
 """
 
 from __future__ import annotations
@@ -147,5 +148,8 @@ def no_op(report: dict) -> None:
         raise VerificationError(
             f"checkpoint verification failed: AutoRound with iters={report['iters']} changed 0 of {codes['codes']} "
             f"weight codes in {codes['layers']} sampled layers against round-to-nearest under the same scales: "
-            "its tuning never reached the weights (a silent no-op; see llm-compressor #2855)."
+            "the checkpoint is round-to-nearest under an AutoRound label. Either the tuning never reached "
+            "the weights (a silent no-op, llm-compressor #2855) or no iteration improved on the starting "
+            "point in any block (AutoRound keeps its best iteration; quantize.log then shows "
+            "'loss iter 0: ... -> iter 0: ...' per block): set more iters."
         )

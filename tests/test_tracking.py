@@ -105,3 +105,22 @@ def test_the_experiment_says_it_holds_model_runs_so_the_ui_opens_on_them(tmp_pat
     for name in ("autoround-exp", "made-before"):
         exp_id = tracking.connect(mlflow, TrackingConfig(uri=uri, experiment=name, artifact_root=str(tmp_path / "a")))
         assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_an_mlflow_run_spans_the_jobs_real_work_and_holds_its_stage_times(tmp_path):
+    import mlflow
+
+    results = pending_store(tmp_path)
+    rec = Store(results).records()[0]
+    rec.started_at, rec.finished_at = "2026-12-02T05:00:00+0000", "2026-12-02T05:41:30+0000"
+    rec.stages = {"quantize": 1800.5, "evaluate": 640.25, "perf": 50.0}
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "mlartifacts"))
+    run = mlflow.MlflowClient(tracking_uri=cfg.uri).get_run(tracking.log_run(cfg, rec))
+    assert run.info.status == "FINISHED"
+    # the job's own times, not those of the seconds it took to log it afterwards
+    assert run.info.start_time == 1796187600000 and run.info.end_time == 1796187600000 + 2490 * 1000
+    assert {k: v for k, v in run.data.metrics.items() if k.startswith("time/")} == {
+        "time/quantize_s": 1800.5,
+        "time/evaluate_s": 640.25,
+        "time/perf_s": 50.0,
+    }

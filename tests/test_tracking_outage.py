@@ -59,5 +59,8 @@ def test_a_server_stopped_mid_sweep_loses_nothing_and_sync_logs_once(tmp_path):
         jobs = [r for r in runs if "run_key" in r.data.tags]
         assert sorted(r.data.tags["run_key"] for r in jobs) == sorted(r["key"] for r in recs.values())
         assert {r.info.status for r in jobs} == {"FINISHED"}
+        # the run synced later nests under the sweep's parent run like the one logged on time
+        (parent,) = [r for r in runs if "autoround_exp.sweep" in r.data.tags]
+        assert {r.data.tags.get("mlflow.parentRunId") for r in jobs} == {parent.info.run_id}
     finally:
         stop_mlflow_server(server)

@@ -15,6 +15,7 @@ class ReportOnSweepEnd(Callback):
             return
         from autoround_exp.config import ReportConfig
         from autoround_exp.report.generate import generate
+        from autoround_exp.tracking import sweep_parent
 
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ReportConfig), config.report))
         tracking = config.tracking
@@ -25,6 +26,7 @@ class ReportOnSweepEnd(Callback):
                 Path(config.paths.results),
                 log_to=tracking.uri if tracking.enabled else None,
                 experiment=tracking.experiment,
+                run_id=sweep_parent(config.hydra.sweep.dir),  # the sweep's own run, else the report run
             )
         except Exception as e:  # the runs are safe; `python -m autoround_exp.report` retries
             print(

@@ -20,6 +20,7 @@ def generate(
     check: bool = False,
     fail_below_threshold: bool = False,
     log_to: str | None = None,
+    run_id: str | None = None,
 ) -> int:
     """0 on success; 1 if ``check`` finds the README stale; 3 if a config is below threshold
     and ``fail_below_threshold``; 2 on a README without markers."""
@@ -39,7 +40,7 @@ def generate(
         if log_to:
             from autoround_exp.report.mlflow_log import log_report
 
-            log_report(log_to, experiment, results / "report.md", report.plots)
+            log_report(log_to, experiment, results / "report.md", report.plots, run_id=run_id)
 
     if readme_path is not None and readme_path.is_file():
         block, _ = compact.render_block(runs.sections(loaded), thresholds, cfg.alpha, plots, readme_path.parent, source)
