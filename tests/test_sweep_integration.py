@@ -220,7 +220,9 @@ def test_sweep_end_regenerates_the_report_and_the_readme_block(sweep):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("autoround-exp")
-    (report_run,) = client.search_runs([exp.experiment_id], "tags.`autoround_exp.report` = 'true'")
+    # the report goes onto the sweep's own parent run (the report CLI alone keeps a report run)
+    assert not client.search_runs([exp.experiment_id], "tags.`autoround_exp.report` = 'true'")
+    (report_run,) = client.search_runs([exp.experiment_id], "tags.`autoround_exp.sweep` = 'true'")[-1:]
     logged = {a.path for a in client.list_artifacts(report_run.info.run_id)}
     assert "report.md" in logged and f"plots/{plot.name}" in {
         a.path for a in client.list_artifacts(report_run.info.run_id, "plots")
@@ -300,3 +302,34 @@ def test_score_equals_lm_eval_run_by_hand(sweep, tmp_path):
         extra=("--batch_size", "16", "--device", "cpu"),
     )
     assert by_hand == rec["metrics"]
+
+
+def test_what_the_mlflow_ui_shows_through_its_rest_api(sweep):
+    """A real MLflow server on 127.0.0.1 over the sweep's store, read as its UI reads it: the
+    sweep's parent run with the jobs nested, their real durations and telling names, and the
+    results on the parent."""
+    from autoround_exp import ui_check
+
+    workdir, proc = sweep
+    ui, url = ui_check.start_ui(f"sqlite:///{workdir / 'mlflow.db'}", workdir / "mlflow-ui.log")
+    try:
+        exp = ui_check.api(url, "experiments/get-by-name?experiment_name=autoround-exp")["experiment"]
+        runs = ui_check.api(url, "runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs}
+        parents = [r for r in runs if tags[r["info"]["run_id"]].get("autoround_exp.sweep") == "true"]
+        parent = min(parents, key=lambda r: int(r["info"]["start_time"]))  # the first sweep (a re-run reuses)
+        pid = parent["info"]["run_id"]
+        jobs = [r for r in runs if tags[r["info"]["run_id"]].get("mlflow.parentRunId") == pid]
+        assert len(jobs) == 4 and all(r["info"]["run_name"].endswith(f" hf limit={LIMIT}") for r in jobs)
+        for r in jobs:  # durations as the console's progress timed the job, not milliseconds of logging
+            span = (int(r["info"]["end_time"]) - int(r["info"]["start_time"])) / 1000
+            evaluate = next(m["value"] for m in r["data"]["metrics"] if m["key"] == "time/evaluate_s")
+            assert span >= evaluate > 1, (r["info"]["run_name"], span, evaluate)
+        listed = ui_check.api(url, f"artifacts/list?run_id={pid}")
+        assert {"report.md", "results.md", "results_table.json"} <= {f["path"] for f in listed.get("files", [])}
+    finally:
+        import os
+        import signal
+
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=60)

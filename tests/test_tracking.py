@@ -124,3 +124,14 @@ def test_an_mlflow_run_spans_the_jobs_real_work_and_holds_its_stage_times(tmp_pa
         "time/evaluate_s": 640.25,
         "time/perf_s": 50.0,
     }
+
+
+def test_the_sweeps_results_table_becomes_rows_for_mlflows_table_view():
+    md = (
+        "note\n\n| config | strict | × base |\n|---|--:|--:|\n| base | 0.710 | |\n| W4A16 RTN | 0.676 | 0.95 |\n\nafter"
+    )
+    assert tracking.markdown_rows(md) == [
+        {"config": "base", "strict": "0.710", "× base": ""},
+        {"config": "W4A16 RTN", "strict": "0.676", "× base": "0.95"},
+    ]
+    assert tracking.markdown_rows("no table") == []

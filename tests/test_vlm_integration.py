@@ -102,7 +102,7 @@ def test_image_text_calibration_tunes_on_charts(tmp_path):
     """calibration.source=<ChartQA-format parquet>: each sample a chart and its question,
     seqlen tokens with the image whole; the images are counted and hashed with the tokens."""
     calib = asset("data/charts/calib.parquet")
-    args = ["model=tiny_qwen3_vl", "eval=chartqa", "scheme=w4a16", "iters=2", "baselines=false"]
+    args = ["model=tiny_qwen3_vl", "eval=chartqa", "scheme=w4a16", "iters=16", "baselines=false"]
     args += [f"calibration.source={calib}", "calibration.nsamples=8", "calibration.seqlen=64"]
     run(tmp_path, [*args, "eval.limit=2", "eval.max_gen_toks=16"])
     (rec,) = records(tmp_path).values()
