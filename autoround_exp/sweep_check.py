@@ -59,4 +59,7 @@ class ValidateSweep(Callback):
         from autoround_exp.tracking import open_sweep
 
         tracking = TrackingConfig(**OmegaConf.to_container(config.tracking, resolve=True))
-        open_sweep(tracking, sweep_dir, sweep_dir.name, list(config.hydra.overrides.task))
+        # named by what it sweeps: where it writes (paths, tracking, report) says nothing of that
+        where = ("paths.", "tracking.", "report.", "hydra.")
+        named = [o for o in config.hydra.overrides.task if not o.lstrip("+~").startswith(where)]
+        open_sweep(tracking, sweep_dir, sweep_dir.name, named)

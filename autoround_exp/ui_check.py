@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         key = share_view(url, exp_id, [r["info"]["run_id"] for r in parents], metric_keys(runs))
         screenshot(f"{url}/#/experiments/{exp_id}/runs?viewStateShareKey={key}", out / "runs.png")
         if parents:
-            newest = max(parents, key=lambda r: int(r["info"]["start_time"]))
+            ran = {t.get("mlflow.parentRunId") for t in tags}  # sweeps that ran jobs, not only reused them
+            newest = max(parents, key=lambda r: (r["info"]["run_id"] in ran, int(r["info"]["start_time"])))
             screenshot(f"{url}/#/experiments/{exp_id}/runs/{newest['info']['run_id']}", out / "sweep-run.png")
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
