@@ -20,6 +20,7 @@ from autoround_exp.record import (
     PerfSettings,
     RunRecord,
     Tracking,
+    now,
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -84,7 +85,7 @@ def _run_one(
     work = Path(exp.paths.work).resolve()
     logs = work / "logs" / key
     quant: QuantResult | None = None
-    started_at, stages = time.strftime("%Y-%m-%dT%H:%M:%S%z"), {}
+    started_at, stages = now(), {}
     t = time.perf_counter()
     pre = None
     try:
@@ -133,7 +134,7 @@ def _run_one(
         key=key,
         quant_key=qkey,
         sweep_id=sweep_id,
-        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        finished_at=now(),
         started_at=started_at,
         stages=stages,
         model=ModelRef(
@@ -190,7 +191,7 @@ def _run_one(
         except Exception as err:  # the accuracy result stands: stored without its serving cost
             perf_error = err
         rec.stages = {**rec.stages, "perf": round(time.perf_counter() - t, 3)}
-        rec.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        rec.finished_at = now()
     if exp.tracking.enabled:
         from autoround_exp.tracking import log_or_defer
 
@@ -252,7 +253,7 @@ def record_failure(
         quant_key=qkey,
         sweep_id=sweep_id,
         started_at=started_at,
-        failed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        failed_at=now(),
         error=str(err)[-4000:],
         logs=sorted(str(p) for p in logs.glob("*.log")),
         backend=exp.serve.backend,

@@ -16,6 +16,22 @@ from pydantic import BaseModel, ConfigDict, Field
 SCHEMA_VERSION = 2
 
 
+def now() -> str:
+    """The time a record stores: ISO 8601 to the millisecond, with the UTC offset."""
+    from datetime import datetime
+
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")
+
+
+def epoch_ms(stamp: str | None) -> int | None:
+    """A record's time (this layout or the older whole-second ``+0000`` one) in epoch milliseconds."""
+    if not stamp:
+        return None
+    from datetime import datetime
+
+    return round(datetime.fromisoformat(stamp).timestamp() * 1000)
+
+
 class _Strict(BaseModel):
     # A field the writer misspells fails at once, not in a report months later.
     model_config = ConfigDict(extra="forbid")

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from autoround_exp.config import TrackingConfig, redact_uri
-from autoround_exp.record import FailureRecord, RunRecord, Tracking
+from autoround_exp.record import FailureRecord, RunRecord, Tracking, epoch_ms
 from autoround_exp.store import locked
 
 # A tracking server that stops answering costs seconds, not MLflow's minutes of retries: the
@@ -207,15 +207,6 @@ def log_run(cfg: TrackingConfig, rec: RunRecord, samples: dict | None = None, fo
                     mlflow.log_artifact(path, artifact_path=folder)
     client.set_terminated(run.info.run_id, "FINISHED", end_time=epoch_ms(rec.finished_at))
     return run.info.run_id
-
-
-def epoch_ms(stamp: str | None) -> int | None:
-    """A record's ``%Y-%m-%dT%H:%M:%S%z`` time in MLflow's milliseconds (None: MLflow's now)."""
-    if not stamp:
-        return None
-    from datetime import datetime
-
-    return int(datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z").timestamp() * 1000)
 
 
 def perf_metrics(perf) -> dict[str, float]:

@@ -102,8 +102,12 @@ def all_records(work: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((work / "results/runs").glob("*.json"))]
 
 
-def records(work: Path) -> dict[str, dict]:
-    return {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in (work / "results/runs").glob("*")}
+def records(work: Path, limit: int = 20) -> dict[str, dict]:
+    """The stored runs scored on ``limit`` problems, by name (the base of another limit has the same name)."""
+    runs = [r for r in all_records(work) if r["eval_settings"]["limit"] == limit]
+    by_name = {r["name"]: r for r in runs}
+    assert len(by_name) == len(runs), sorted(r["name"] for r in runs)
+    return by_name
 
 
 def vllm(test):

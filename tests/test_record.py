@@ -37,6 +37,17 @@ def test_a_record_round_trips_through_the_store(tmp_path):
     assert again == rec and json.loads(path.read_text())["schema_version"] == record.SCHEMA_VERSION
 
 
+def test_record_times_keep_milliseconds_and_older_whole_seconds_still_read():
+    import time
+
+    before = time.time() * 1000
+    stamp = record.now()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", stamp), stamp
+    assert before - 1 <= record.epoch_ms(stamp) <= time.time() * 1000 + 1
+    assert record.epoch_ms("2026-12-02T05:00:00+0000") == 1796187600000  # a record written before
+    assert record.epoch_ms(None) is None
+
+
 def test_a_record_that_does_not_read_says_how_to_regenerate(tmp_path):
     shutil.copytree(FIXTURE, tmp_path / "results")
     path = next((tmp_path / "results" / "runs").glob("*.json"))

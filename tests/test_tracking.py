@@ -112,13 +112,14 @@ def test_an_mlflow_run_spans_the_jobs_real_work_and_holds_its_stage_times(tmp_pa
 
     results = pending_store(tmp_path)
     rec = Store(results).records()[0]
-    rec.started_at, rec.finished_at = "2026-12-02T05:00:00+0000", "2026-12-02T05:41:30+0000"
+    # an older record's whole seconds, and this layout's milliseconds
+    rec.started_at, rec.finished_at = "2026-12-02T05:00:00+0000", "2026-12-02T05:41:30.250+00:00"
     rec.stages = {"quantize": 1800.5, "evaluate": 640.25, "perf": 50.0}
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "mlartifacts"))
     run = mlflow.MlflowClient(tracking_uri=cfg.uri).get_run(tracking.log_run(cfg, rec))
     assert run.info.status == "FINISHED"
     # the job's own times, not those of the seconds it took to log it afterwards
-    assert run.info.start_time == 1796187600000 and run.info.end_time == 1796187600000 + 2490 * 1000
+    assert run.info.start_time == 1796187600000 and run.info.end_time == 1796187600000 + 2490250
     assert {k: v for k, v in run.data.metrics.items() if k.startswith("time/")} == {
         "time/quantize_s": 1800.5,
         "time/evaluate_s": 640.25,

@@ -163,7 +163,7 @@ def latest(runs: list[Run]) -> list[Run]:
     best: dict[tuple, Run] = {}
     for run in runs:
         k = (run.section, run.config, run.seed)
-        if k not in best or run.record.finished_at > best[k].record.finished_at:
+        if k not in best or record.epoch_ms(run.record.finished_at) > record.epoch_ms(best[k].record.finished_at):
             best[k] = run
     return list(best.values())
 
