@@ -8,6 +8,7 @@ experiment's facts only inside the resolved ``config``) are migrated when read.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,8 +19,6 @@ SCHEMA_VERSION = 2
 
 def now() -> str:
     """The time a record stores: ISO 8601 to the millisecond, with the UTC offset."""
-    from datetime import datetime
-
     return datetime.now().astimezone().isoformat(timespec="milliseconds")
 
 
@@ -27,8 +26,6 @@ def epoch_ms(stamp: str | None) -> int | None:
     """A record's time (this layout or the older whole-second ``+0000`` one) in epoch milliseconds."""
     if not stamp:
         return None
-    from datetime import datetime
-
     return round(datetime.fromisoformat(stamp).timestamp() * 1000)
 
 
