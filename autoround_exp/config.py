@@ -94,6 +94,9 @@ class ModelConfig:
     # A Linear of the vision tower (vision-language models): `ignore` must cover it, as
     # upstream keeps the vision tower unquantized.
     vision_linear: str | None = None
+    # true: the recipe quantizes the vision tower too, on purpose (an experiment upstream does
+    # not run): `ignore` must then leave the tower out, and every name and label says so.
+    quantize_vision: bool = False
     # Where it may be quantized: auto (the GPU if torch sees one, else the CPU), cuda (an 8B
     # model: AutoRound on a CPU would take days, so no GPU is refused at the door), cpu.
     quantize_device: str = "auto"
@@ -280,10 +283,16 @@ class Experiment:
         return self.method.name != "none"
 
     @property
+    def vision_quantized(self) -> bool:
+        """The recipe quantizes a vision tower too (model.quantize_vision, not upstream's recipe)."""
+        return self.quantized and self.model.quantize_vision
+
+    @property
     def checkpoint_name(self) -> str:
         if not self.quantized:
             return self.model.display_name
-        return f"{self.model.display_name}-{self.scheme.label}-{self.method.label}"
+        name = f"{self.model.display_name}-{self.scheme.label}-{self.method.label}"
+        return name + "-VisionQuantized" if self.vision_quantized else name
 
     @property
     def lm_eval_task(self) -> str:
@@ -466,11 +475,19 @@ def validate(cfg: DictConfig, serve_env: bool = True) -> Experiment:
                 f"model={m.name} is vision-language: set model.vision_linear to the name of one of its "
                 "vision tower's Linear layers, so the recipe can be checked to leave the tower unquantized."
             )
-        if not ignores(m.vision_linear, m.ignore):
+        if not m.quantize_vision and not ignores(m.vision_linear, m.ignore):
             raise ConfigError(
                 f"model.ignore={list(m.ignore)} would quantize the vision tower ({m.vision_linear}); "
-                'add a pattern for it, as upstream does: model.ignore=["re:.*lm_head","re:.*visual.*"].'
+                'add a pattern for it, as upstream does: model.ignore=["re:.*lm_head","re:.*visual.*"] '
+                "(or set model.quantize_vision=true to quantize the tower on purpose)."
             )
+        if m.quantize_vision and ignores(m.vision_linear, m.ignore):
+            raise ConfigError(
+                f"model.quantize_vision=true, but model.ignore={list(m.ignore)} leaves the vision tower "
+                f'({m.vision_linear}) unquantized; drop its pattern, e.g. model.ignore=["re:.*lm_head"].'
+            )
+    if m.quantize_vision and m.modality != "vision-language":
+        raise ConfigError(f"model.quantize_vision=true needs a vision-language model (model={m.name} is text-only).")
     if q.name == "autoround_native" and m.modality == "vision-language":
         raise ConfigError(
             f"method=autoround_native runs text models only (model={m.name} is vision-language); "

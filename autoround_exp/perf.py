@@ -128,15 +128,20 @@ class _PeakMemory:
         self.peak_gb = max(self.peak_gb, self._sample())
 
 
-def bench_argv(exp: Experiment, url: str, checkpoint: str, input_len: int, output_len: int, out: Path) -> list[str]:
+BENCH_SERVE = Path(__file__).with_name("bench_serve.py")
+
+
+def bench_argv(exp: Experiment, url: str, checkpoint: str, input_len: int, output_len: int, out_dir: Path) -> list[str]:
+    """``vllm bench serve`` run ``perf.repeats`` times in one process (bench_serve.py): the
+    CLI's import of vLLM costs more than a repeat of the tiny model's workload."""
     p = exp.perf
-    argv = [exp.serve.python, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "vllm"]
+    argv = [exp.serve.python, str(BENCH_SERVE), str(p.repeats), "--backend", "vllm"]
     argv += ["--base-url", url, "--model", exp.checkpoint_name, "--tokenizer", checkpoint]
     argv += ["--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len", str(output_len)]
     argv += ["--num-prompts", str(p.num_prompts), "--request-rate", str(p.request_rate), "--seed", str(p.seed)]
     argv += ["--num-warmups", str(p.warmups)]
     argv += ["--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"]
-    argv += ["--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
+    argv += ["--save-result", "--result-dir", str(out_dir)]
     if exp.model.trust_remote_code:
         argv += ["--trust-remote-code"]
     return argv
@@ -166,18 +171,18 @@ def measure(exp: Experiment, checkpoint: str, samples_paths: list[str], out_dir:
     env = child_env(exp)
     port = server.free_port()
     cuda = bool(exp.serve_choice.platform.get("cuda"))
-    results, t0 = [], time.perf_counter()
+    t0 = time.perf_counter()
     with server.running(
         server_argv(exp, checkpoint, port), port, log_dir / "perf_server.log", exp.serve.startup_timeout_s, env
     ) as (url, pgid):
         base = url.removesuffix("/v1")
         with _PeakMemory(pgid, cuda) as memory:
-            for i in range(exp.perf.repeats):
-                result = out_dir / f"bench_{i}.json"
-                argv = bench_argv(exp, base, checkpoint, input_len, output_len, result)
-                what = f"vllm bench serve ({i + 1}/{exp.perf.repeats})"
-                child.run(argv, log_dir / f"perf_bench_{i}.log", exp.perf.timeout_s, what, env=env, stage="perf")
-                results.append(json.loads(result.read_text()))
+            for old in out_dir.glob("bench_*.json"):  # a re-measurement leaves none of the last one's
+                old.unlink()
+            argv = bench_argv(exp, base, checkpoint, input_len, output_len, out_dir)
+            what = f"vllm bench serve (x{exp.perf.repeats})"
+            child.run(argv, log_dir / "perf_bench.log", exp.perf.timeout_s, what, env=env, stage="perf")
+            results = [json.loads((out_dir / f"bench_{i}.json").read_text()) for i in range(exp.perf.repeats)]
     failed = sum(int(r.get("failed") or 0) for r in results)
     if failed:
         raise RuntimeError(f"vllm bench serve: {failed} requests failed; log: {log_dir / 'perf_server.log'}")

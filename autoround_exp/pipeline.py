@@ -53,6 +53,8 @@ def run_name(exp: Experiment) -> str:
     name = f"{exp.model.name}-{exp.scheme.name}-{exp.method.name}" if exp.quantized else f"{exp.model.name}-base"
     if exp.method.name in AUTOROUND_METHODS:
         name += f"-iters{exp.method.iters}"
+    if exp.vision_quantized:
+        name += "-vision"
     return name
 
 
@@ -148,6 +150,7 @@ def _run_one(
         method=exp.method.name,
         iters=exp.method.iters if exp.method.name in AUTOROUND_METHODS else None,
         seed=exp.seed,
+        vision_quantized=exp.vision_quantized,
         checkpoint=checkpoint,
         checkpoint_name=exp.checkpoint_name,
         quantization=asdict(quant) if quant else None,

@@ -199,6 +199,9 @@ class RunRecord(_Strict):
     method: str
     iters: int | None
     seed: int | None = None
+    # the recipe quantized the vision tower too (model.quantize_vision): another config than
+    # upstream's recipe with the same scheme and method
+    vision_quantized: bool = False
     checkpoint: str
     checkpoint_name: str
     quantization: Quantization | None = None

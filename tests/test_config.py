@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from autoround_exp.config import ConfigError, validate
+from autoround_exp.store import quant_identity
 from tests.conftest import CONF, ROOT, compose_cfg
 
 GROUPS = ["model", "scheme", "method", "eval", "serve", "tracking", "launcher", "report"]
@@ -121,7 +122,9 @@ BAD = [
     (["eval=chartqa"], "eval=chartqa needs a vision-language model; model=tiny_llama is text-only"),
     (["model=qwen3_vl_8b_instruct", "model.ignore=[lm_head]"], "would quantize the vision tower"),
     (["model=qwen3_vl_8b_instruct", "model.vision_linear=null"], "set model.vision_linear"),
-    (["model=tiny_qwen3_vl", "model.ignore=[re:.*lm_head]"], "would quantize the vision tower"),
+    (["model=tiny_qwen3_vl", "model.ignore=[re:.*lm_head]"], "or set model.quantize_vision=true"),
+    (["model=tiny_qwen3_vl", "model.quantize_vision=true"], "drop its pattern, e.g. model.ignore="),
+    (["model.quantize_vision=true"], "model.quantize_vision=true needs a vision-language model"),
     (["calibration.source=/data/charts.parquet"], "is image+text (a ChartQA-format parquet); model=tiny_llama is"),
     (["seed=-1"], "seed=-1 is invalid; set an integer >= 0"),
     (["report.recovery_threshold=1.5"], "report.recovery_threshold=1.5 is invalid; set a recovery fraction in (0, 1]"),
@@ -137,6 +140,19 @@ def test_bad_values_are_rejected_with_what_to_set(overrides, message):
     with pytest.raises(ConfigError) as err:
         validate(compose_cfg(overrides))
     assert message in str(err.value)
+
+
+def test_quantizing_the_vision_tower_on_purpose_is_named_as_such():
+    base = ["model=tiny_qwen3_vl", "eval=chartqa", "scheme=nvfp4", "method=rtn"]
+    upstream = validate(compose_cfg(base))
+    vision = validate(compose_cfg([*base, "model.quantize_vision=true", "model.ignore=[re:.*lm_head]"]))
+    assert not upstream.vision_quantized and vision.vision_quantized
+    assert vision.checkpoint_name == upstream.checkpoint_name + "-VisionQuantized"
+    assert quant_identity(vision) != quant_identity(upstream)
+    unquantized = validate(
+        compose_cfg([*base[:2], "method=none", "model.quantize_vision=true", "model.ignore=[re:.*lm_head]"])
+    )
+    assert not unquantized.vision_quantized  # the base model quantizes nothing
 
 
 def test_unknown_option_lists_the_choices():

@@ -173,6 +173,30 @@ def test_auto_rounds_own_api_sits_beside_the_modifier_with_the_paired_test(tmp_p
     assert "modifier vs auto-round API" in tables.paired_table(section, ALPHA)
 
 
+def test_a_recipe_that_quantizes_the_vision_tower_is_its_own_row_against_upstreams(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    path = next((results / "runs").glob("tiny_llama-w4a16-rtn__*.json"))
+    rec = json.loads(path.read_text())
+    key = rec["key"]
+    rec["vision_quantized"], rec["key"] = True, "vision"
+    rec["name"] += "-vision"
+    rec["checkpoint_name"] += "-VisionQuantized"
+    for m in rec["table"]:
+        m["value"] -= 0.1
+    (results / "runs" / f"{rec['name']}__{rec['key']}.json").write_text(json.dumps(rec))
+    shutil.copy(results / "samples" / f"{key}.json", results / "samples" / "vision.json")
+    (section,) = runs.sections(runs.from_store(results))
+    labels = [row.first.short_label for row in section.rows]
+    assert labels.index("W4A16 RTN + vision tower") == labels.index("W4A16 RTN") + 1  # not merged into it
+    kinds = {(kind, a.first.short_label, b.first.short_label) for kind, a, b in tables.comparisons(section)}
+    assert ("vision tower quantized vs not", "W4A16 RTN", "W4A16 RTN + vision tower") in kinds
+    assert "W4A16 RTN + vision tower vs W4A16 RTN" in tables.paired_table(section, ALPHA)
+    df, _ = tables.comparison_frame(section, tables.Thresholds(), ALPHA)
+    vision = section.rows[labels.index("W4A16 RTN + vision tower")].first
+    assert df.set_index("Config").loc["W4A16 RTN + vision tower", "strict-match"].startswith(f"{metric(vision):.4f}")
+
+
 def test_seeds_aggregate_to_mean_and_std(tmp_path, loaded):
     results = tmp_path / "results"
     shutil.copytree(FIXTURE, results)

@@ -158,7 +158,7 @@ def test_one_row_per_config_in_upstreams_order_preferring_vllm(demo_store):
         "W4A16 auto-round API iters=200",
         "W8A8 RTN",
     ]
-    backends = [r.first.config[3] for r in rows]
+    backends = [r.first.config.backend for r in rows]
     assert backends == ["vllm", "hf", "hf", "hf", "vllm", "vllm", "vllm", "vllm", "vllm", "vllm"]
     block = block_of(demo_store)
     assert "shows one row (vllm, vllm_server, hf first); its `vllm_server`, `hf` scores are in the full report" in block

@@ -25,27 +25,28 @@ LIB_NAMES = {"llmcompressor": "llm-compressor"}
 
 
 def _backend_rank(row: Row) -> int:
-    backend = row.first.config[3]
+    backend = row.first.config.backend
     return BACKEND_PREFERENCE.index(backend) if backend in BACKEND_PREFERENCE else len(BACKEND_PREFERENCE)
 
 
 def _upstream_order(row: Row) -> tuple:
-    scheme, method, iters, _ = row.first.config
+    c = row.first.config
     return (
-        method != "none",
-        scheme or "",
-        method != "rtn",
-        iters if iters is not None else -1,
-        method == "autoround_native",  # the auto-round API beside the modifier at the same iters
-        method,
+        c.method != "none",
+        c.scheme or "",
+        c.vision_quantized,
+        c.method != "rtn",
+        c.iters if c.iters is not None else -1,
+        c.method == "autoround_native",  # the auto-round API beside the modifier at the same iters
+        c.method,
     )
 
 
 def shown_rows(section: Section) -> list[Row]:
-    """One row per config (scheme, method, iters): the preferred backend's."""
+    """One row per recipe (scheme, method, iters, vision tower): the preferred backend's."""
     by_config: dict[tuple, list[Row]] = {}
     for row in section.rows:
-        by_config.setdefault(row.first.config[:3], []).append(row)
+        by_config.setdefault(row.first.config.recipe, []).append(row)
     return sorted((min(rows, key=_backend_rank) for rows in by_config.values()), key=_upstream_order)
 
 
@@ -144,7 +145,7 @@ class CompactSection:
                 cells.append(cost.throughput_cell(self.section, row))
             for name in varying:
                 if name == "Backend":
-                    cells.append(row.first.config[3] + (" ⚠" if row.first.record.eval.note else ""))
+                    cells.append(row.first.config.backend + (" ⚠" if row.first.record.eval.note else ""))
                 else:
                     cells.append(FACTS[name](row.first))
             body.append(cells)
@@ -164,12 +165,12 @@ class CompactSection:
     def caption(self) -> str:
         first = self.rows[0].first
         shared = {name: fn(first) for name, fn in FACTS.items() if len({fn(r.first) for r in self.rows}) == 1}
-        backends = sorted({r.first.config[3] for r in self.rows}, key=BACKEND_PREFERENCE.index)
+        backends = sorted({r.first.config.backend for r in self.rows}, key=BACKEND_PREFERENCE.index)
         parts = []
         if "Backend" in shared:
             parts.append(f"Scored by {shared['Backend']}")
         else:
-            by = {r.first.config[3]: _scorer(r.first) for r in self.rows}
+            by = {r.first.config.backend: _scorer(r.first) for r in self.rows}
             parts.append("Scored by " + "; ".join(by[b] for b in backends))
         if "Hardware" in shared:
             parts.append(f"on {shared['Hardware']}")
@@ -178,10 +179,12 @@ class CompactSection:
             text += f"; task {shared['Task']}"
         if shared.get("Quantized with") and any(r.first.record.method != "none" for r in self.rows):
             text += f"; quantized with {shared['Quantized with']}"
-        configs = {r.first.config[:3] for r in self.rows}
-        hidden = [r for r in self.section.rows if r.first.config[:3] in configs and all(r is not s for s in self.rows)]
+        configs = {r.first.config.recipe for r in self.rows}
+        hidden = [
+            r for r in self.section.rows if r.first.config.recipe in configs and all(r is not s for s in self.rows)
+        ]
         if hidden:
-            others = sorted({r.first.config[3] for r in hidden}, key=BACKEND_PREFERENCE.index)
+            others = sorted({r.first.config.backend for r in hidden}, key=BACKEND_PREFERENCE.index)
             text += (
                 f". A config scored by several backends shows one row ({', '.join(BACKEND_PREFERENCE)} first); "
                 f"its {', '.join(f'`{b}`' for b in others)} scores are in the full report"
@@ -190,7 +193,7 @@ class CompactSection:
 
     def notes(self) -> list[str]:
         out = [g.note for g in self.groups if g.note]
-        if len({r.first.config[3] for r in self.rows}) > 1:
+        if len({r.first.config.backend for r in self.rows}) > 1:
             out.append("Recovery and Δ vs RTN compare runs scored by the same backend.")
         caveats = {r.first.record.eval.note for r in self.rows if r.first.record.eval.note}
         caveats |= {w for r in self.rows if (w := r.first.record.eval.bos_warning)}
@@ -207,7 +210,7 @@ def compact(
     if not rows:
         return None
     below = [
-        f"{section.key.model} {r.first.short_label} ({r.first.config[3]}): {tables.column_name(c)}"
+        f"{section.key.model} {r.first.short_label} ({r.first.config.backend}): {tables.column_name(c)}"
         for r in rows
         for c in tables.columns(section)
         if tables.recovery_cell(section, r, c, thresholds)[1]

@@ -31,7 +31,9 @@ def speedup(section: Section, row: Row) -> float | None:
     if p is None or not p.measured or base is None or base is row or _perf(base) is None:
         return None
     b = _perf(base)
-    same = base.first.config[3] == row.first.config[3] and tables.hardware(base.first) == tables.hardware(row.first)
+    same = base.first.config.backend == row.first.config.backend and tables.hardware(base.first) == tables.hardware(
+        row.first
+    )
     if not b.measured or not same or not b.value(THROUGHPUT) or p.value(THROUGHPUT) is None:
         return None
     return p.value(THROUGHPUT) / b.value(THROUGHPUT)
@@ -66,13 +68,13 @@ def table(section: Section) -> str | None:
     for row in rows:
         p, label = _perf(row), row.first.short_label
         if not p.measured:
-            body.append([label, row.first.config[3], f"not measured: {p.reason}", "", "", "", "", "", ""])
+            body.append([label, row.first.config.backend, f"not measured: {p.reason}", "", "", "", "", "", ""])
             continue
         s = speedup(section, row)
         body.append(
             [
                 label,
-                row.first.config[3],
+                row.first.config.backend,
                 _m(p, THROUGHPUT),
                 f"{s:.2f}×" if s is not None else "",
                 _m(p, "requests_per_s", 2),
@@ -110,7 +112,7 @@ def pareto_plot(section: Section, path: Path, write: bool = True) -> Path | None
         x, xerr = p.value(THROUGHPUT), p.metrics[THROUGHPUT]["spread"] / 2
         ax.errorbar([x], [value], xerr=[xerr], yerr=[stderr or 0], marker="o", capsize=3, color=color)
         ax.annotate(
-            f"{row.first.short_label} ({row.first.config[3]})",
+            f"{row.first.short_label} ({row.first.config.backend})",
             (x, value),
             fontsize=7,
             xytext=(4, 4),

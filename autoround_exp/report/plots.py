@@ -19,9 +19,9 @@ def accuracy_vs_iters(section: Section, path: Path, write: bool = True) -> Path 
 
     series: dict[tuple, list] = {}
     for row in section.rows:
-        scheme, method, iters, backend = row.first.config
-        if method in AUTOROUND_METHODS:
-            series.setdefault((scheme, backend, method), []).append(row)
+        c = row.first.config
+        if c.method in AUTOROUND_METHODS and not c.vision_quantized:
+            series.setdefault((c.scheme, c.backend, c.method), []).append(row)
     if not series:
         return None
     if not write:
@@ -32,7 +32,7 @@ def accuracy_vs_iters(section: Section, path: Path, write: bool = True) -> Path 
         drawn: set[int] = set()
         for i, ((_scheme, backend, method), rows) in enumerate(sorted(series.items())):
             color = f"C{i}"
-            points = [(r.first.config[2], tables.row_value(r, col)) for r in rows]
+            points = [(r.first.config.iters, tables.row_value(r, col)) for r in rows]
             points = [(x, v) for x, v in points if v is not None]
             path_name = " (auto-round API)" if method == "autoround_native" else ""
             label = f"{rows[0].first.record.scheme_preset} AutoRound{path_name} ({backend})"
@@ -53,7 +53,9 @@ def accuracy_vs_iters(section: Section, path: Path, write: bool = True) -> Path 
         bases = {backend: tables.baseline_of(section, rows[0]) for (_, backend, _), rows in sorted(series.items())}
         for style, base in zip(("--", "-.", ":"), bases.values(), strict=False):
             if base is not None and (v := tables.row_value(base, col)):
-                ax.axhline(v[0], color="black", linestyle=style, label=f"base (unquantized, {base.first.config[3]})")
+                ax.axhline(
+                    v[0], color="black", linestyle=style, label=f"base (unquantized, {base.first.config.backend})"
+                )
         metric, filt = col.split(",", 1)
         ax.set_title(f"{section.key.task}: {metric} ({filt})", fontsize=10)
         ax.set_xlabel("AutoRound iters")

@@ -85,12 +85,12 @@ def render(
                 "combined stderr):",
                 pub_table,
             ]
-        backends = {row.first.config[3] for row in section.rows}
+        backends = {row.first.config.backend for row in section.rows}
         for row in section.rows:
             run = row.first
             rec = run.record
             seeds = f"; seed {run.seed} of {len(row.runs)} seeds" if len(row.runs) > 1 else ""
-            by = f" — {run.config[3]}" if len(backends) > 1 else ""
+            by = f" — {run.config.backend}" if len(backends) > 1 else ""
             parts.append(f"#### {run.label}{by}")
             parts.append(
                 f"Scored by `{rec.eval.backend}` (lm-eval `{rec.eval.lm_eval_model}`) on "

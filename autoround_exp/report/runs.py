@@ -15,6 +15,21 @@ METHOD_ORDER = {"none": 0, "rtn": 1, "autoround": 2, "autoround_native": 3}
 BACKEND_ORDER = {"hf": 0, "vllm": 1, "vllm_server": 2}
 
 
+class RowConfig(NamedTuple):
+    """What a table row is: the recipe and the backend that scored it."""
+
+    scheme: str | None
+    method: str
+    iters: int | None
+    backend: str
+    vision_quantized: bool = False
+
+    @property
+    def recipe(self) -> tuple:
+        """The config without its backend (one recipe may be scored by several)."""
+        return (self.scheme, self.method, self.iters, self.vision_quantized)
+
+
 class SectionKey(NamedTuple):
     model: str  # display name
     path: str
@@ -31,10 +46,10 @@ class Run:
     samples: dict | None  # per-document scores (lmeval_results.per_sample), if stored
 
     @property
-    def config(self) -> tuple:
+    def config(self) -> RowConfig:
         """What a table row is: the recipe and the backend that scored it (seeds aggregate)."""
         r = self.record
-        return (r.scheme, r.method, r.iters, r.eval.backend)
+        return RowConfig(r.scheme, r.method, r.iters, r.eval.backend, r.vision_quantized)
 
     @property
     def section(self) -> tuple:
@@ -70,6 +85,10 @@ class Run:
 
     @property
     def short_label(self) -> str:
+        label = self._short_label()
+        return label + " + vision tower" if self.record.vision_quantized else label
+
+    def _short_label(self) -> str:
         r = self.record
         scheme = r.scheme_preset
         if r.method == "none":
@@ -89,6 +108,7 @@ class Run:
             r.scheme or "",
             METHOD_ORDER.get(r.method, 9),
             r.iters if r.iters is not None else -1,
+            r.vision_quantized,
             BACKEND_ORDER.get(r.eval.backend, 9),
             self.seed if self.seed is not None else -1,
         )

@@ -63,13 +63,13 @@ def mean(row: Row, column: str) -> float | None:
 def baseline_of(section: Section, row: Row) -> Row | None:
     """The unquantized row scored by the same backend (else any unquantized row)."""
     bases = [r for r in section.rows if r.first.record.method == "none"]
-    same = [r for r in bases if r.first.config[3] == row.first.config[3]]
+    same = [r for r in bases if r.first.config.backend == row.first.config.backend]
     return (same or bases or [None])[0]
 
 
 def rtn_of(section: Section, row: Row) -> Row | None:
-    scheme, _, _, backend = row.first.config
-    return next((r for r in section.rows if r.first.config == (scheme, "rtn", None, backend)), None)
+    c = row.first.config
+    return next((r for r in section.rows if r.first.config == c._replace(method="rtn", iters=None)), None)
 
 
 def compare(a: Row, b: Row, column: str, alpha: float) -> stats.Paired | None:
@@ -98,16 +98,21 @@ def comparisons(section: Section) -> list[tuple[str, Row, Row]]:
     for method in AUTOROUND_METHODS:
         tuned = [row for row in section.rows if row.first.record.method == method]
         for a, b in zip(tuned, tuned[1:], strict=False):
-            (sa, _, ia, ba), (sb, _, ib, bb) = a.first.config, b.first.config
-            if (sa, ba) == (sb, bb) and ia != ib:
+            ca, cb = a.first.config, b.first.config
+            if ca._replace(iters=None) == cb._replace(iters=None) and ca.iters != cb.iters:
                 out.append(("iters vs iters", a, b))
-    # the same scheme and iters through llm-compressor's modifier and auto-round's own API
     for row in section.rows:
-        scheme, method, iters, backend = row.first.config
-        if method == "autoround_native":
-            modifier = next((r for r in section.rows if r.first.config == (scheme, "autoround", iters, backend)), None)
+        c = row.first.config
+        # the same scheme and iters through llm-compressor's modifier and auto-round's own API
+        if c.method == "autoround_native":
+            modifier = next((r for r in section.rows if r.first.config == c._replace(method="autoround")), None)
             if modifier is not None:
                 out.append(("modifier vs auto-round API", modifier, row))
+        # a recipe that quantizes the vision tower against upstream's, which leaves it in bf16
+        if c.vision_quantized:
+            upstream = next((r for r in section.rows if r.first.config == c._replace(vision_quantized=False)), None)
+            if upstream is not None:
+                out.append(("vision tower quantized vs not", upstream, row))
     return out
 
 
@@ -201,7 +206,7 @@ def comparison_frame(section: Section, thresholds: Thresholds, alpha: float) -> 
             out[name] = value_cell(row, col)
             rec_cell, is_below = recovery_cell(section, row, col, thresholds)
             if is_below:
-                below.append(f"{section.key.model} {run.short_label} ({run.config[3]}): {name} {rec_cell}")
+                below.append(f"{section.key.model} {run.short_label} ({run.config.backend}): {name} {rec_cell}")
             out[f"{name} recovery"] = rec_cell
             out[f"{name} Δ vs RTN"] = delta_cell(section, row, col, alpha)
         q = rec.quantization
@@ -236,7 +241,7 @@ def paired_table(section: Section, alpha: float) -> str | None:
             within = p >= alpha
             rows.append(
                 {
-                    "Comparison": f"{b.first.short_label} vs {a.first.short_label} ({b.first.config[3]})",
+                    "Comparison": f"{b.first.short_label} vs {a.first.short_label} ({b.first.config.backend})",
                     "Kind": kind,
                     "Metric": metric_names(cols),
                     "Δ": signed(delta),
