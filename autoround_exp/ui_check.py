@@ -12,10 +12,13 @@ run. What the pages hold is also printed from MLflow's REST API, the data the UI
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -62,11 +65,101 @@ def start_ui(store: str, log: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"ui-check: mlflow ui did not answer; its log: {log}")
 
 
-def screenshot(url: str, png: Path) -> None:
+class DevTools:
+    """Chromium's DevTools protocol over a websocket, with the standard library only: enough to
+    load a page, run a script in it and take a screenshot."""
+
+    def __init__(self, ws_url: str):
+        host, path = ws_url.removeprefix("ws://").split("/", 1)
+        name, port = host.rsplit(":", 1)
+        self.sock = socket.create_connection((name, int(port)), timeout=120)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET /{path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += self._read(1)
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise RuntimeError(f"ui-check: Chromium refused the DevTools websocket: {head[:200]!r}")
+        self.n = 0
+
+    def _read(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            if not (chunk := self.sock.recv(n - len(buf))):
+                raise EOFError("ui-check: Chromium closed the DevTools websocket")
+            buf += chunk
+        return buf
+
+    def _message(self) -> dict:
+        data = b""
+        while True:
+            b1, b2 = self._read(2)
+            n = b2 & 0x7F
+            if n >= 126:
+                n = struct.unpack(">H" if n == 126 else ">Q", self._read(2 if n == 126 else 8))[0]
+            data += self._read(n)
+            if b1 & 0x80:  # the last frame of the message
+                return json.loads(data)
+
+    def call(self, method: str, **params) -> dict:
+        self.n += 1
+        msg, mask = json.dumps({"id": self.n, "method": method, "params": params}).encode(), os.urandom(4)
+        n = len(msg)
+        size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n)
+        self.sock.sendall(b"\x81" + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(msg)))
+        while (reply := self._message()).get("id") != self.n:
+            pass  # events
+        if "error" in reply:
+            raise RuntimeError(f"ui-check: {method}: {reply['error']}")
+        return reply["result"]
+
+
+# Clicks every parent run's expander in the runs table (MLflow 3.17 keeps the shared view's
+# runsExpanded to itself) and closes the assistant's side panel; returns how many it expanded.
+EXPAND = """(() => {
+  const expanders = Array.from(document.querySelectorAll('div[style*="width: 24px"] button'));
+  expanders.forEach(b => b.click());
+  const close = document.querySelector('button[aria-label="Close"]');
+  if (close) close.click();
+  return expanders.length;
+})()"""
+
+
+def screenshot(url: str, png: Path, script: str | None = None, wait_s: float = 30) -> None:
+    """Headless Chromium loads the page, runs ``script`` in it, and writes the screenshot."""
+    port = free_port()
     argv = [chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
-    argv += ["--window-size=1600,1000", "--virtual-time-budget=20000", f"--screenshot={png}", url]
-    subprocess.run(argv, check=True, capture_output=True, timeout=180)
-    print(f"[ui-check] {png} ({png.stat().st_size} bytes) <- {url}", flush=True)
+    argv += ["--window-size=1600,1000", f"--remote-debugging-port={port}", "about:blank"]
+    browser = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.time() + 60
+        while True:
+            try:
+                targets = json.loads(opener.open(f"http://127.0.0.1:{port}/json/list", timeout=2).read())
+                if pages := [t for t in targets if t["type"] == "page"]:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise SystemExit("ui-check: headless Chromium did not open its DevTools port")
+            time.sleep(0.5)
+        tools = DevTools(pages[0]["webSocketDebuggerUrl"])
+        tools.call("Page.navigate", url=url)
+        time.sleep(wait_s)  # the UI's scripts render the table after the page has loaded
+        note = ""
+        if script:
+            result = tools.call("Runtime.evaluate", expression=script, returnByValue=True)["result"]
+            note = f", script returned {result.get('value')}"
+            time.sleep(5)
+        png.write_bytes(base64.b64decode(tools.call("Page.captureScreenshot", format="png")["data"]))
+    finally:
+        os.killpg(browser.pid, signal.SIGTERM)
+        browser.wait(timeout=60)
+    print(f"[ui-check] {png} ({png.stat().st_size} bytes{note}) <- {url}", flush=True)
 
 
 VIEW_KEY = "autoround-exp-sweeps"
@@ -124,14 +217,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         for r in sorted(parents, key=lambda r: int(r["info"]["start_time"])):
             children = [t for t in tags if t.get("mlflow.parentRunId") == r["info"]["run_id"]]
-            span = (int(r["info"].get("end_time") or 0) - int(r["info"]["start_time"])) / 1000
-            print(f"  {r['info']['run_name']}: {len(children)} runs, {r['info']['status']}, {span:.0f} s", flush=True)
+            end = r["info"].get("end_time")
+            span = f"{(int(end) - int(r['info']['start_time'])) / 1000:.0f} s" if end else "not ended"
+            print(f"  {r['info']['run_name']}: {len(children)} runs, {r['info']['status']}, {span}", flush=True)
         key = share_view(url, exp_id, [r["info"]["run_id"] for r in parents], metric_keys(runs))
-        screenshot(f"{url}/#/experiments/{exp_id}/runs?viewStateShareKey={key}", out / "runs.png")
+        screenshot(f"{url}/#/experiments/{exp_id}/runs?viewStateShareKey={key}", out / "runs.png", EXPAND)
         if parents:
             ran = {t.get("mlflow.parentRunId") for t in tags}  # sweeps that ran jobs, not only reused them
             newest = max(parents, key=lambda r: (r["info"]["run_id"] in ran, int(r["info"]["start_time"])))
-            screenshot(f"{url}/#/experiments/{exp_id}/runs/{newest['info']['run_id']}", out / "sweep-run.png")
+            run_page = f"{url}/#/experiments/{exp_id}/runs/{newest['info']['run_id']}"
+            screenshot(run_page, out / "sweep-run.png", EXPAND)
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=60)
