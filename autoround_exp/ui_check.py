@@ -30,6 +30,7 @@ from autoround_exp.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SORT_METRIC = "gsm8k_arith/exact_match/strict-match"
+LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1: never via a proxy
 
 
 def chromium() -> str:
@@ -44,8 +45,7 @@ def api(url: str, path: str, body: dict | None = None) -> dict:
     req = urllib.request.Request(
         f"{url}/api/2.0/mlflow/{path}", data=data, headers={"Content-Type": "application/json"}
     )
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
-    with opener.open(req, timeout=30) as resp:
+    with LOOPBACK.open(req, timeout=30) as resp:
         return json.loads(resp.read())
 
 
@@ -57,7 +57,7 @@ def start_ui(store: str, log: Path) -> tuple[subprocess.Popen, str]:
     url = f"http://127.0.0.1:{port}"
     for _ in range(180):
         try:
-            if urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"{url}/health", timeout=2):
+            if LOOPBACK.open(f"{url}/health", timeout=2):
                 return ui, url
         except OSError:
             time.sleep(1)
@@ -135,11 +135,10 @@ def screenshot(url: str, png: Path, script: str | None = None, wait_s: float = 3
     argv += ["--window-size=1600,1000", f"--remote-debugging-port={port}", "about:blank"]
     browser = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         deadline = time.time() + 60
         while True:
             try:
-                targets = json.loads(opener.open(f"http://127.0.0.1:{port}/json/list", timeout=2).read())
+                targets = json.loads(LOOPBACK.open(f"http://127.0.0.1:{port}/json/list", timeout=2).read())
                 if pages := [t for t in targets if t["type"] == "page"]:
                     break
             except OSError:
