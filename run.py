@@ -54,6 +54,13 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:  # found only once the data was read (calibration): what is stored stays
         print(f"autoround-exp: {e}", file=sys.stderr)
         sys.exit(2)
+    except (KeyboardInterrupt, SystemExit) as e:  # stopped: the sweep's MLflow run ends as KILLED, not RUNNING
+        if parent is not None:
+            from autoround_exp.tracking import kill_sweep
+
+            why = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else f"exit {e.code} (SIGTERM: 143)"
+            kill_sweep(exp.tracking, parent, f"the sweep was stopped during job {hc.job.num}: {why}")
+        raise
     if multirun:
         from autoround_exp.sweep_summary import record_job
 

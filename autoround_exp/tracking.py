@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -316,9 +317,11 @@ def open_sweep(cfg: TrackingConfig, sweep_dir: Path, sweep_id: str, overrides: l
         import mlflow
 
         exp_id = connect(mlflow, cfg)
+        end_dead_sweeps(mlflow.MlflowClient(), exp_id)
         name = " ".join(["sweep", sweep_id, *overrides])
         tags = {SWEEP_TAG: "true", "sweep_id": sweep_id, "overrides": " ".join(overrides)}
         tags["git_commit"] = git_commit() or "unknown"
+        tags[OWNER_TAG] = owner()
         run_id = mlflow.MlflowClient().create_run(exp_id, tags=tags, run_name=name).info.run_id
     except Exception as e:
         print(f"WARNING: no MLflow parent run for this sweep ({type(e).__name__}: {str(e)[:200]})", flush=True)
@@ -328,6 +331,55 @@ def open_sweep(cfg: TrackingConfig, sweep_dir: Path, sweep_id: str, overrides: l
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(sweep_dir / PARENT_FILE, json.dumps({"run_id": run_id, "uri": redact_uri(cfg.uri)}))
     return run_id
+
+
+OWNER_TAG = "autoround_exp.sweep_owner"  # host:pid of the process that runs the sweep
+
+
+def owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def end_dead_sweeps(client, exp_id: str) -> list[str]:
+    """End as KILLED the parent runs left RUNNING by sweeps of this host whose process is gone
+    (kill -9, an out-of-memory kill, a closed terminal: nothing of theirs could end them). A
+    sweep on another host, or whose process still runs, is left alone. The ids it ended."""
+    host = socket.gethostname()
+    ended = []
+    running = f"tags.`{SWEEP_TAG}` = 'true' and attributes.status = 'RUNNING'"
+    for run in client.search_runs([exp_id], filter_string=running):
+        where, _, pid = run.data.tags.get(OWNER_TAG, "").rpartition(":")
+        if where != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        why = f"its sweep's process ({pid}) was gone; ended by a later sweep"
+        client.set_tag(run.info.run_id, "killed_reason", why)
+        client.set_terminated(run.info.run_id, status="KILLED")
+        ended.append(run.info.run_id)
+    return ended
+
+
+def kill_sweep(cfg: TrackingConfig, run_id: str, reason: str) -> None:
+    """End the sweep's parent run as KILLED (the sweep was stopped: SIGTERM, Ctrl-C), saying
+    why. A warning, never an error, where MLflow fails: the runs themselves are stored."""
+    try:
+        import mlflow
+
+        connect(mlflow, cfg)
+        client = mlflow.MlflowClient()
+        client.set_tag(run_id, "killed_reason", reason)
+        client.set_terminated(run_id, status="KILLED")
+    except Exception as e:
+        print(f"WARNING: ending the sweep's MLflow run {run_id} as KILLED failed: {type(e).__name__}: {e}", flush=True)
 
 
 def sweep_parent(sweep_dir: str | Path | None) -> str | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, paths_args
-from tests.test_sweep_integration import mlflow_runs, records
+from tests.test_sweep_integration import mlflow_runs, records, sweep_runs
 
 pytestmark = pytest.mark.slow
 
@@ -115,3 +115,26 @@ def test_killed_twice_and_rerun_ends_like_an_uninterrupted_sweep(tmp_path):
     assert final_state(killed) == expected
     assert not list((killed / "work" / "checkpoints").glob("*/*.partial"))
     assert not (killed / "results" / "failed").exists()  # a kill is not a failure of the job
+    # the killed sweeps' MLflow runs were ended by the sweep that came next, not left RUNNING
+    _, parents = sweep_runs(killed)
+    assert [r.info.status for r in parents] == ["KILLED", "KILLED", "FINISHED"]
+    assert all("ended by a later sweep" in r.data.tags["killed_reason"] for r in parents[:2])
+
+
+def test_sigterm_ends_the_sweep_its_children_and_its_mlflow_run_as_killed(tmp_path):
+    """SIGTERM (a scheduler's pre-emption, `timeout`, `kill`) mid-evaluation: run.py ends its
+    children and ends the sweep's MLflow run as KILLED there and then, saying why."""
+    out = tmp_path / "terminated.out"
+    with out.open("w") as sink:
+        proc = subprocess.Popen(argv(tmp_path), cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 900
+        while "Selected Tasks" not in log_text(tmp_path, out.read_text(), "tiny_llama-w4a16-rtn", "lm_eval.log"):
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert processes_of(tmp_path) == []
+    _, (parent,) = sweep_runs(tmp_path)
+    assert parent.info.status == "KILLED", out.read_text()[-3000:]
+    assert "the sweep was stopped during job 0: exit 143" in parent.data.tags["killed_reason"]
+    assert not (tmp_path / "results" / "failed").exists()

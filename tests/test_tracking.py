@@ -136,3 +136,35 @@ def test_the_sweeps_results_table_becomes_rows_for_mlflows_table_view():
         {"config": "W4A16 RTN", "strict": "0.676", "× base": "0.95"},
     ]
     assert tracking.markdown_rows("no table") == []
+
+
+def test_a_sweep_ends_the_parent_runs_that_dead_sweeps_of_this_host_left_running(tmp_path):
+    """A sweep killed with -9 cannot end its MLflow parent run; the next sweep on the host ends
+    it as KILLED, saying why. A sweep whose process still runs, or on another host, is left."""
+    import socket
+
+    import mlflow
+
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "mlartifacts"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    client = mlflow.MlflowClient(tracking_uri=cfg.uri)
+    exp_id = tracking.connect(mlflow, cfg)
+    owners = {"dead": f"{host}:{dead.pid}", "alive": tracking.owner(), "elsewhere": f"not-{host}:{dead.pid}"}
+    ids = {
+        name: client.create_run(exp_id, tags={tracking.SWEEP_TAG: "true", tracking.OWNER_TAG: who}).info.run_id
+        for name, who in owners.items()
+    }
+    job = client.create_run(exp_id, tags={"run_key": "k", tracking.OWNER_TAG: owners["dead"]}).info.run_id
+
+    new = tracking.open_sweep(cfg, tmp_path / "sweep", "s2", ["iters=0"])
+
+    status = {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
+    assert status == {"dead": "KILLED", "alive": "RUNNING", "elsewhere": "RUNNING"}
+    assert "ended by a later sweep" in client.get_run(ids["dead"]).data.tags["killed_reason"]
+    assert client.get_run(job).info.status == "RUNNING"  # a job's run is settle_earlier_runs' to end
+    assert client.get_run(new).data.tags[tracking.OWNER_TAG] == tracking.owner()
+    tracking.kill_sweep(cfg, new, "stopped")
+    assert client.get_run(new).info.status == "KILLED"
+    assert client.get_run(new).data.tags["killed_reason"] == "stopped"
