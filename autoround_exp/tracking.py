@@ -94,14 +94,19 @@ def settle_earlier_runs(mlflow, exp_id: str, key: str, force: bool) -> str | Non
     finished = None
     for run in runs:
         if run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, "killed_reason", "its job died before ending it; ended by a re-run")
-            client.set_terminated(run.info.run_id, status="KILLED")
+            end_killed(client, run.info.run_id, "its job died before ending it; ended by a re-run")
         elif run.info.status == "FINISHED":
             if force:
                 client.set_tag(run.info.run_id, "superseded", "force=true re-ran this key")
             elif finished is None:
                 finished = run.info.run_id
     return finished
+
+
+def end_killed(client, run_id: str, reason: str) -> None:
+    """End an MLflow run as KILLED, with why in its ``killed_reason`` tag."""
+    client.set_tag(run_id, "killed_reason", reason)
+    client.set_terminated(run_id, status="KILLED")
 
 
 def _identity_tags(rec: RunRecord | FailureRecord) -> dict[str, str]:
@@ -317,12 +322,13 @@ def open_sweep(cfg: TrackingConfig, sweep_dir: Path, sweep_id: str, overrides: l
         import mlflow
 
         exp_id = connect(mlflow, cfg)
-        end_dead_sweeps(mlflow.MlflowClient(), exp_id)
+        client = mlflow.MlflowClient()
+        end_dead_sweeps(client, exp_id)
         name = " ".join(["sweep", sweep_id, *overrides])
         tags = {SWEEP_TAG: "true", "sweep_id": sweep_id, "overrides": " ".join(overrides)}
         tags["git_commit"] = git_commit() or "unknown"
         tags[OWNER_TAG] = owner()
-        run_id = mlflow.MlflowClient().create_run(exp_id, tags=tags, run_name=name).info.run_id
+        run_id = client.create_run(exp_id, tags=tags, run_name=name).info.run_id
     except Exception as e:
         print(f"WARNING: no MLflow parent run for this sweep ({type(e).__name__}: {str(e)[:200]})", flush=True)
         return None
@@ -346,7 +352,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 
@@ -361,9 +367,7 @@ def end_dead_sweeps(client, exp_id: str) -> list[str]:
         where, _, pid = run.data.tags.get(OWNER_TAG, "").rpartition(":")
         if where != host or not pid.isdigit() or _alive(int(pid)):
             continue
-        why = f"its sweep's process ({pid}) was gone; ended by a later sweep"
-        client.set_tag(run.info.run_id, "killed_reason", why)
-        client.set_terminated(run.info.run_id, status="KILLED")
+        end_killed(client, run.info.run_id, f"its sweep's process ({pid}) was gone; ended by a later sweep")
         ended.append(run.info.run_id)
     return ended
 
@@ -375,9 +379,7 @@ def kill_sweep(cfg: TrackingConfig, run_id: str, reason: str) -> None:
         import mlflow
 
         connect(mlflow, cfg)
-        client = mlflow.MlflowClient()
-        client.set_tag(run_id, "killed_reason", reason)
-        client.set_terminated(run_id, status="KILLED")
+        end_killed(mlflow.MlflowClient(), run_id, reason)
     except Exception as e:
         print(f"WARNING: ending the sweep's MLflow run {run_id} as KILLED failed: {type(e).__name__}: {e}", flush=True)
 
