@@ -13,6 +13,7 @@ never imports vLLM or lm-eval. Backends (``serve.backend``, resolved by ``serve.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -181,11 +182,10 @@ def model_args(exp: Experiment, checkpoint: str, base_url: str | None = None) ->
 
 
 def lm_eval_module(exp: Experiment) -> str:
-    """``lm_eval``, or its entry point with ``vision_compat`` for a vision-language model in
-    an environment without torchvision (transformers cannot load a Qwen-VL processor there)."""
-    if exp.model.modality == "vision-language" and not exp.serve_choice.platform.get("torchvision"):
-        return "autoround_exp.lm_eval_cli"
-    return "lm_eval"
+    """This package's entry to lm-eval's CLI (``vision_compat`` for a vision-language model
+    without torchvision; no stock task index when the run's tasks are its own), in every
+    serving environment: ``lm_eval_env`` puts this package on the child's path."""
+    return "autoround_exp.lm_eval_cli"
 
 
 def lm_eval_argv(
@@ -262,6 +262,14 @@ def child_env(exp: Experiment) -> dict[str, str]:
     return env
 
 
+def lm_eval_env(exp: Experiment) -> dict[str, str]:
+    """``child_env`` and this package's folder first on ``PYTHONPATH``, so that the lm-eval
+    child imports ``autoround_exp.lm_eval_cli`` in any environment, from any working folder
+    (the package is stdlib-only at import; the entry needs lm-eval, as ``-m lm_eval`` would)."""
+    paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    return child_env(exp) | {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
 # vLLM logs its linear-kernel choice, e.g. "Selected CPUInt8ScaledMMLinearKernel for
 # CompressedTensorsW8A8Int8", "Using MarlinLinearKernel for CompressedTensorsWNA16".
 KERNEL_LINE = re.compile(r"(?:Selected|Using) (\w*Kernel\w*) for (\w+)")
@@ -304,7 +312,7 @@ def prestart(exp: Experiment, checkpoint: str, out_dir: Path, log_dir: Path) -> 
     argv = lm_eval_argv(exp, checkpoint, out_dir / "lm_eval", _tasks(exp, out_dir))
     imports = ",".join(["lm_eval.evaluator", "lm_eval.tasks", BACKEND_MODULES.get(lm_eval_model(exp), "")])
     warm_argv = [argv[0], str(WARM), argv[2], imports, "--", *argv[3:]]
-    return child.Prestarted(warm_argv, log_dir / "lm_eval.log", env=child_env(exp), command=argv)
+    return child.Prestarted(warm_argv, log_dir / "lm_eval.log", env=lm_eval_env(exp), command=argv)
 
 
 def evaluate(
@@ -319,7 +327,7 @@ def evaluate(
     task_dir = _tasks(exp, out_dir)
     lm_out = out_dir / "lm_eval"
     log_path = log_dir / "lm_eval.log"
-    env = child_env(exp)
+    env, lm_env = child_env(exp), lm_eval_env(exp)
     what = f"lm-eval ({exp.serve.backend})"
     stage = f"evaluate {exp.serve.backend}"
     t0 = time.perf_counter()
@@ -332,7 +340,7 @@ def evaluate(
         with server.running(server_cmd, port, server_log, exp.serve.startup_timeout_s, env) as (base_url, _):
             argv = lm_eval_argv(exp, checkpoint, lm_out, task_dir, base_url)
             (out_dir / "command.txt").write_text(" ".join(argv) + "\n")
-            child.run(argv, log_path, exp.eval.timeout_s, what, env=env, stage=stage)
+            child.run(argv, log_path, exp.eval.timeout_s, what, env=lm_env, stage=stage)
         kernel_log = server_log
     else:
         argv = lm_eval_argv(exp, checkpoint, lm_out, task_dir)
@@ -342,7 +350,7 @@ def evaluate(
         else:
             if pre is not None:  # started for another command: not this one's
                 pre.cancel()
-            child.run(argv, log_path, exp.eval.timeout_s, what, env=env, stage=stage)
+            child.run(argv, log_path, exp.eval.timeout_s, what, env=lm_env, stage=stage)
         kernel_log = log_path
     results = sorted(lm_out.rglob("results_*.json"))
     if not results:

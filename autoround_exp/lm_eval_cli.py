@@ -1,14 +1,65 @@
-"""``python -m lm_eval`` with ``vision_compat`` applied first.
+"""``python -m lm_eval`` with two additions, each a no-op where it does not apply.
 
-The evaluation child runs this instead of ``lm_eval`` only for a vision-language model in
-an environment without torchvision, where lm-eval's ``hf-multimodal`` could not load the
-model's processor; the arguments and everything lm-eval does are unchanged.
+The evaluation child runs this instead of ``lm_eval`` wherever this package imports in the
+serving environment; the arguments are lm-eval's own and its results are unchanged.
+
+- ``vision_compat``: a vision-language model in an environment without torchvision, where
+  lm-eval's ``hf-multimodal`` could not load the model's processor otherwise.
+- Own tasks only: when every task named by ``--tasks`` is defined by a YAML in
+  ``--include_path`` (the harness writes one per run; it includes lm-eval's stock task by
+  path), lm-eval's ``TaskManager`` is built with ``include_defaults=False``. The CLI would
+  otherwise index all of lm-eval's built-in task YAMLs first (about 14,000 names, 14 s on
+  2 CPU cores) on every evaluation. A task that the folder does not define leaves the
+  stock index on.
 """
 
-from autoround_exp import vision_compat
+from __future__ import annotations
 
-if __name__ == "__main__":
-    vision_compat.apply()
+import functools
+import sys
+
+MULTIMODAL = ("hf-multimodal", "vllm-vlm")  # lm-eval's models that load a processor
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def own_tasks_only(argv: list[str]) -> bool:
+    """True if every ``--tasks`` name is defined in ``--include_path`` alone."""
+    include, tasks = _option(argv, "--include_path"), _option(argv, "--tasks")
+    if not include or not tasks:
+        return False
+    from lm_eval.tasks import TaskManager
+
+    own = set(TaskManager(include_path=include, include_defaults=False).all_tasks)
+    return all(t.strip() in own for t in tasks.split(",") if t.strip())
+
+
+def skip_stock_index() -> None:
+    """Make ``TaskManager()`` index only ``include_path`` (lm-eval's own parameter)."""
+    from lm_eval.tasks import TaskManager
+
+    if not isinstance(TaskManager.__dict__["__init__"], functools.partialmethod):
+        TaskManager.__init__ = functools.partialmethod(TaskManager.__init__, include_defaults=False)
+
+
+def main(argv: list[str]) -> None:
+    if _option(argv, "--model") in MULTIMODAL:
+        from autoround_exp import vision_compat
+
+        vision_compat.apply()
+    if own_tasks_only(argv):
+        skip_stock_index()
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -61,12 +62,15 @@ def results_table(config: DictConfig, keys: set[str]) -> str | None:
     return block.split("\n", 1)[1].strip()  # without the generated-by comment
 
 
-def summarize(sweep_dir: Path) -> tuple[str, int]:
+def summarize(sweep_dir: Path, now: float | None = None) -> tuple[str, int]:
     """The summary text and the number of failed runs. A run several jobs share (a baseline)
-    counts once: done if any job computed it, else failed if one failed, else reused."""
+    counts once: done if any job computed it, else failed if one failed, else reused. With
+    ``now``: the sweep's wall time too, from its first job's start to ``now``."""
     runs: dict[str, dict] = {}
+    started = []
     for path in sorted((sweep_dir / JOBS).glob("*.json"), key=lambda p: int(p.stem)):
         job = json.loads(path.read_text())
+        started.append(job["started"])
         for o in job["outcomes"]:
             statuses = runs.setdefault(o["key"], {"name": o["name"], "statuses": set(), "failures": []})
             statuses["statuses"].add(o["status"])
@@ -81,6 +85,10 @@ def summarize(sweep_dir: Path) -> tuple[str, int]:
             overrides, error = run["failures"][0]
             failed_lines.append(f"  FAILED {run['name']} [{' '.join(overrides)}]: {error}")
     head = f"[sweep] {counts['done']} done, {counts['reused']} reused, {counts['failed']} failed"
+    if now is not None and started:
+        from autoround_exp.progress import duration
+
+        head += f" in {duration(now - min(started))} wall time"
     return "\n".join([head, *failed_lines]), counts["failed"]
 
 
@@ -107,7 +115,7 @@ class SweepSummary(Callback):
             table = results_table(config, touched_keys(sweep_dir))
         except Exception as e:  # the runs are stored; `python -m autoround_exp.report` shows them
             table = f"(results table failed: {type(e).__name__}: {e})"
-        text, failed = summarize(sweep_dir)
+        text, failed = summarize(sweep_dir, now=time.time())
         print("\n".join(t for t in (table, text) if t), flush=True)
         close_parent(config, sweep_dir, table, failed)
         if failed:

@@ -34,21 +34,44 @@ def test_answers_are_what_the_chart_shows_and_never_one_digit():
     import random
 
     rng = random.Random(3)
-    for _ in range(200):
-        chart = charts.make_chart(rng)
-        for query, answer in chart.questions(rng):
-            assert len(answer) >= 2  # anywhere_accuracy would match a lone digit anywhere
-            if query.startswith(("How many", "What was the value")):
-                assert int(answer) in chart.values
-            elif query.startswith("What is the difference"):
-                assert int(answer) == max(chart.values) - min(chart.values)
-            elif "highest" in query or "most" in query:
-                assert chart.values[chart.labels.index(answer)] == max(chart.values)
-            else:
-                assert "least" in query and chart.values[chart.labels.index(answer)] == min(chart.values)
+    for fixed in (False, True):
+        for _ in range(200):
+            chart = charts.make_chart(rng, fixed_labels=fixed)
+            ranked = sorted(chart.values)
+            assert ranked[-1] - ranked[-2] >= charts.MARGIN and ranked[1] - ranked[0] >= charts.MARGIN
+            for query, answer in [*chart.questions(rng), *chart.all_questions()]:
+                if query.startswith("How many"):
+                    assert len(answer) == 2  # anywhere_accuracy would match a lone digit anywhere
+                    assert int(answer) == chart.values[chart.labels.index(query.split()[2])]
+                else:
+                    assert not any(ch.isdigit() for ch in answer)
+                    want = max(chart.values) if "most" in query else min(chart.values)
+                    assert "most" in query or "least" in query
+                    assert chart.values[chart.labels.index(answer)] == want
+            if fixed:  # labels follow from positions
+                assert chart.labels == tuple(charts.CATEGORIES[: len(chart.labels)])
 
 
-def test_images_are_pngs_with_the_numbers_drawn():
+def test_each_bar_fills_its_own_column_of_image_tokens():
+    """The layout the tiny VLM's probe relies on (charts.CELL_PX): bar k inside token column
+    k + 1, its height in pixels the value's share of the axis."""
+    import numpy as np
+    from PIL import Image
+
+    chart = charts.Chart("Fruit sold", ("apples", "pears", "plums"), (20, 99, 60), slots=charts.SLOTS)
+    img = np.asarray(Image.open(io.BytesIO(charts.render(chart))).convert("RGB")).astype(int)
+    bar = abs(img - [0x4C, 0x72, 0xB0]).sum(-1) < 30  # the bars' colour
+    cell, plot = charts.CELL_PX, charts.SLOTS * charts.CELL_PX
+    cols = bar.any(0).nonzero()[0]
+    assert cols.min() > cell and cols.max() < cell * (1 + len(chart.values))
+    for k, value in enumerate(chart.values):
+        column = bar[:, cell * (k + 1) : cell * (k + 2)]
+        assert column.any(0).sum() >= cell // 2  # most of the column's width
+        height = column.any(1).sum()
+        assert abs(height - value / charts.Y_MAX * plot) <= 2, (k, height)
+
+
+def test_images_are_pngs_of_the_size_the_tiny_vlm_reads():
     from PIL import Image
 
     rows = charts.build(3, seed=0)

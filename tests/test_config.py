@@ -238,3 +238,21 @@ def test_more_jobs_at_once_than_gpus_is_refused_at_the_sweeps_door(tmp_path):
     argv += ["hydra.sweeper.max_batch_size=3", f"paths.work={tmp_path}", f"paths.results={tmp_path / 'r'}"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "set hydra.sweeper.max_batch_size=2" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_qwen3_vl"])
+def test_an_embedded_models_yaml_lists_the_in_features_of_its_linear_layers(model):
+    """linear_in_features is what the group-size check at the door reads: it must be the
+    shipped weights' own (the 2-D weights, embeddings aside)."""
+    from safetensors import safe_open
+
+    from autoround_exp.assets import asset
+
+    cfg = OmegaConf.load(CONF / "model" / f"{model}.yaml")
+    with safe_open(str(asset(model) + "/model.safetensors"), "pt") as f:
+        widths = {
+            f.get_slice(k).get_shape()[1]
+            for k in f.keys()
+            if k.endswith(".weight") and len(f.get_slice(k).get_shape()) == 2 and "embed" not in k
+        }
+    assert sorted(widths) == sorted(cfg.linear_in_features)

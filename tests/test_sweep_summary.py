@@ -25,3 +25,11 @@ def test_shared_baselines_count_once_and_failures_are_listed(tmp_path):
 def test_a_clean_sweep_has_no_failures(tmp_path):
     record_job(str(tmp_path), 0, [], [outcome("m-base", "k0", "done")], 0.0)
     assert summarize(tmp_path) == ("[sweep] 1 done, 0 reused, 0 failed", 0)
+
+
+def test_the_summary_gives_the_sweeps_wall_time_from_its_first_job(tmp_path):
+    """The demo's log says how long each sweep took (make demo's time budget is read there)."""
+    record_job(str(tmp_path), 1, [], [outcome("m-ar-200", "k3", "done")], 1000.0)
+    record_job(str(tmp_path), 0, [], [outcome("m-base", "k0", "done")], 400.0)
+    text, _ = summarize(tmp_path, now=934.0)
+    assert text == "[sweep] 2 done, 0 reused, 0 failed in 8m54s wall time"

@@ -14,6 +14,7 @@ import pytest
 from safetensors import safe_open
 
 from autoround_exp.assets import asset
+from autoround_exp.report import runs, tables
 from tests.conftest import ROOT, paths_args
 from tests.test_sweep_integration import mlflow_runs, records
 
@@ -118,3 +119,25 @@ def test_gsm8k_on_the_vision_language_model_goes_through_hf_multimodal(tmp_path)
     (rec,) = records(tmp_path).values()
     assert rec["eval"]["lm_eval_model"] == "hf-multimodal" and rec["eval"]["task"] == "gsm8k_arith"
     assert "gsm8k_arith/exact_match/strict-match" in rec["metrics"]
+
+
+def test_a_recipe_that_quantizes_the_vision_tower_scores_clearly_below_upstreams(tmp_path):
+    """The mistake upstream's ignore list guards against, made on purpose
+    (model.quantize_vision=true): NVFP4 RTN of the vision tower too. The embedded model reads
+    its charts, so the score falls, by a paired test on the same charts."""
+    args = ["model=tiny_qwen3_vl", "eval=chartqa", "scheme=nvfp4", "method=rtn", "baselines=false"]
+    args += ["eval.limit=60", "eval.max_gen_toks=16"]
+    run(tmp_path, args)
+    run(tmp_path, [*args, "model.quantize_vision=true", "model.ignore=[re:.*lm_head]"])
+    recs = records(tmp_path)
+    upstream, vision = recs["tiny_qwen3_vl-nvfp4-rtn"], recs["tiny_qwen3_vl-nvfp4-rtn-vision"]
+    assert vision["vision_quantized"] and vision["checkpoint_name"].endswith("-VisionQuantized")
+    with safe_open(Path(vision["checkpoint"]) / "model.safetensors", "pt") as f:
+        assert any(k.startswith("model.visual.") and k.endswith("weight_packed") for k in f.keys())
+    metric = "chartqa_charts/relaxed_accuracy/none"
+    assert vision["metrics"][metric] <= upstream["metrics"][metric] - 0.1, (vision["metrics"], upstream["metrics"])
+    (section,) = runs.sections(runs.from_store(tmp_path / "results"))
+    table = tables.paired_table(section, 0.05)
+    rows = [ln for ln in table.splitlines() if ln.startswith("| NVFP4 RTN + vision tower vs NVFP4 RTN")]
+    relaxed = [ln for ln in rows if "relaxed_accuracy" in ln]
+    assert len(relaxed) == 1 and relaxed[0].rstrip(" |").endswith("worse"), table  # lower, p < 0.05
