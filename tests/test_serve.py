@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -225,6 +226,10 @@ def test_vision_language_on_cpu_without_torchvision_is_scored_by_hf_through_the_
     assert exp.serve.backend == "vllm" and evaluate.lm_eval_module(exp) == "autoround_exp.lm_eval_cli"
     root = str(Path(evaluate.__file__).resolve().parents[1])  # importable by the child from anywhere
     assert evaluate.lm_eval_env(exp)["PYTHONPATH"].split(os.pathsep)[0] == root
+    argv = ["/venv/bin/python", "-m", "x", "--a", "b c"]
+    env = evaluate.lm_eval_env(exp)
+    words = shlex.split(evaluate.command_text(argv, env))
+    assert words[-len(argv) :] == argv and dict(w.split("=", 1) for w in words[: -len(argv)]) == env
 
 
 def test_hf_for_a_vision_language_model_needs_torchvision_or_this_package(fake_platform):
