@@ -252,9 +252,12 @@ def test_a_failed_benchmark_keeps_the_accuracy_run_and_a_rerun_measures_it(measu
 
 
 @vllm
-def test_two_identical_runs_of_the_stage_differ_by_less_than_the_spread_it_reports(measured):
+def test_two_identical_runs_of_the_stage_measure_anew_on_the_same_scale(measured):
     """A second measurement of the same settings (perf.remeasure) against the first (made by
-    test_reused_with_the_same_settings_and_measured_anew_with_others when the module runs whole)."""
+    test_reused_with_the_same_settings_and_measured_anew_with_others when the module runs whole).
+    Within a factor of 10, not within the reported spread: on a shared 2-core machine a whole
+    run's throughput moved 4x between two runs (2223 vs 531 output tok/s, spreads 1052 and 1160),
+    so the spread describes one run's repeats, not the machine's load from one minute to the next."""
     work, _ = measured
     args = ["scheme=w8a8", "method=rtn", "serve=vllm", "eval.limit=20", *PERF, *OTHER]
     if any(rec["perf"]["settings"]["repeats"] != 5 for rec in records(work).values()):
@@ -268,5 +271,5 @@ def test_two_identical_runs_of_the_stage_differ_by_less_than_the_spread_it_repor
         for metric in ("output_tokens_per_s", "requests_per_s"):
             a, b = first[name]["perf"]["metrics"][metric], rec["perf"]["metrics"][metric]
             assert a["median"] != b["median"], (name, metric)  # measured anew, not copied
-            assert abs(a["median"] - b["median"]) < max(a["spread"], b["spread"]), (name, metric, a, b)
+            assert 0.1 < a["median"] / b["median"] < 10, (name, metric, a, b)
     assert wait_no_serve_processes(30) == []
