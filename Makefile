@@ -57,14 +57,14 @@ test: env
 	$(PY) -m pytest
 
 bench: env
-	$(PY) -m autoround_exp.benchmark
+	$(PY) -m tools.overhead_bench
 
 gpu-check: env
-	$(PY) -m autoround_exp.gpu_check
+	$(PY) -m tools.gpu_check
 
 # screenshots of make demo's MLflow runs in headless Chromium (apt-get install chromium), under results/ui/
 ui-check: env
-	$(PY) -m autoround_exp.ui_check
+	$(PY) -m tools.ui_check
 
 lint: env
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

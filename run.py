@@ -17,8 +17,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from autoround_exp import progress
-from autoround_exp.config import ConfigError, at_the_door, gpu_of_job, register_configs, validate
+from autoround_exp import progress, sweep
+from autoround_exp.config import ConfigError, gpu_of_job, register_configs
+from autoround_exp.preflight import at_the_door, validate
 
 
 def sweep_id() -> str:
@@ -44,27 +45,17 @@ def main(cfg: DictConfig) -> None:
     if (gpu := gpu_of_job(hc.job.num if multirun else 0, cfg.get("gpus"))) is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # this job's children (quantize, vLLM) see that GPU only
         print(f"[gpu] job {hc.job.num if multirun else 0} on GPU {gpu}", flush=True)
-    parent = None
-    if multirun:
-        from autoround_exp.tracking import sweep_parent
-
-        parent = sweep_parent(hc.sweep.dir)  # the sweep's MLflow run: this job's runs nest under it
+    parent = sweep.job_parent(hc.sweep.dir) if multirun else None  # this job's runs nest under it
     try:
         outcomes = run_experiment(exp, sweep_id(), stop_on_config_error=not multirun, parent_run_id=parent)
     except ConfigError as e:  # found only once the data was read (calibration): what is stored stays
         print(f"autoround-exp: {e}", file=sys.stderr)
         sys.exit(2)
-    except (KeyboardInterrupt, SystemExit) as e:  # stopped: the sweep's MLflow run ends as KILLED, not RUNNING
-        if parent is not None:
-            from autoround_exp.tracking import kill_sweep
-
-            why = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else f"exit {e.code} (SIGTERM: 143)"
-            kill_sweep(exp.tracking, parent, f"the sweep was stopped during job {hc.job.num}: {why}")
+    except (KeyboardInterrupt, SystemExit) as e:
+        sweep.job_stopped(exp.tracking, parent, hc.job.num, e)
         raise
     if multirun:
-        from autoround_exp.sweep_summary import record_job
-
-        record_job(hc.sweep.dir, hc.job.num, list(hc.overrides.task), outcomes, started)
+        sweep.job_finished(hc.sweep.dir, hc.job.num, list(hc.overrides.task), outcomes, started)
     elif any(o.status == "failed" for o in outcomes):
         sys.exit(1)
 

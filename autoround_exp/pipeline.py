@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -11,6 +11,8 @@ from omegaconf import OmegaConf
 from autoround_exp import lmeval_results, perf, store
 from autoround_exp.config import AUTOROUND_METHODS, ConfigError, Experiment, MethodConfig
 from autoround_exp.evaluate import evaluate, prestart
+from autoround_exp.fsutil import locked
+from autoround_exp.jobstatus import Outcome
 from autoround_exp.quantize import CALIBRATION_FILE, RESULT_FILE, QuantResult, quantize
 from autoround_exp.record import (
     EvalSettings,
@@ -24,16 +26,6 @@ from autoround_exp.record import (
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-@dataclass
-class Outcome:
-    name: str
-    key: str
-    status: str  # done | reused | failed
-    metrics: dict
-    mlflow_run_id: str | None
-    record_path: str  # the error, for a failed one
 
 
 def method_config(name: str) -> MethodConfig:
@@ -64,7 +56,7 @@ def run_one(
     qkey, key = store.keys(exp)
     # one job at a time per run key: a parallel job that needs the same run (a shared
     # baseline) waits, then finds it stored
-    with store.locked(Path(exp.paths.work).resolve() / "locks" / f"run-{key}.lock"):
+    with locked(Path(exp.paths.work).resolve() / "locks" / f"run-{key}.lock"):
         return _run_one(exp, sweep_id, qkey, key, stop_on_config_error, parent_run_id)
 
 
@@ -97,7 +89,7 @@ def _run_one(
                 (ckpt / "quantization.json").unlink()
             # lm-eval's interpreter and imports load while the checkpoint is made
             pre = prestart(exp, str(ckpt), work / "evals" / key, logs)
-            with store.locked(work / "locks" / f"quant-{qkey}.lock"):  # one checkpoint per quant key
+            with locked(work / "locks" / f"quant-{qkey}.lock"):  # one checkpoint per quant key
                 quant = quantize(exp, ckpt, logs / "quantize.log")
             checkpoint = quant.checkpoint
             stages["quantize"] = round(time.perf_counter() - t, 3)

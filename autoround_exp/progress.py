@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import codecs
 import functools
-import json
 import os
 import re
 import sys
@@ -21,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
+
+from autoround_exp import jobstatus
 
 ENV = "AUTOROUND_EXP_PROGRESS_S"  # seconds between updates; 0 turns the display off
 TTY_INTERVAL_S = 30.0
@@ -157,17 +158,8 @@ class LogProgress:
 
 
 def finished_durations(sweep_dir: Path) -> list[float]:
-    """Seconds each finished job of the sweep took (sweep_summary.record_job's files)."""
-    from autoround_exp.sweep_summary import JOBS
-
-    durations = []
-    for path in (sweep_dir / JOBS).glob("*.json"):
-        try:
-            job = json.loads(path.read_text())
-            durations.append(float(job["ended"]) - float(job["started"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return durations
+    """Seconds each finished job of the sweep took (the jobs' status files)."""
+    return [job.seconds for job in jobstatus.read(sweep_dir)]
 
 
 def sweep_eta(durations: list[float], total: int | None, current_elapsed: float) -> tuple[float, bool] | None:

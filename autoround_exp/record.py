@@ -290,3 +290,14 @@ def load(path: Path) -> RunRecord:
         return from_dict(json.loads(path.read_text()))
     except RecordError as e:
         raise RecordError(f"{path}: {e}") from e
+
+
+def load_any(path: Path) -> RunRecord | FailureRecord:
+    """A stored record, finished (results/runs/) or failed (results/failed/)."""
+    data = json.loads(path.read_text())
+    if data.get("status") == "failed":
+        return FailureRecord.model_validate(data)
+    try:
+        return from_dict(data)
+    except RecordError as e:
+        raise RecordError(f"{path}: {e}") from e

@@ -141,7 +141,7 @@ def probe(python: str) -> dict:
     info = json.loads(out.stdout.strip().splitlines()[-1])
     info["python"] = python
     if cached is not None:
-        from autoround_exp.store import write_atomic
+        from autoround_exp.fsutil import write_atomic
 
         with contextlib.suppress(OSError):  # a read-only cache only costs the next process a probe
             write_atomic(cached, json.dumps(info, sort_keys=True))

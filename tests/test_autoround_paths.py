@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from autoround_exp.report import stats
-from tests.conftest import ROOT, paths_args
+from tests.support import ROOT, paths_args
 
 pytestmark = pytest.mark.slow
 

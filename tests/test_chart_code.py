@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import torch
 
 from autoround_exp.tiny import charts
-from autoround_exp.tiny.build_qwen3_vl import ChartCode
+from tools.tiny.build_qwen3_vl import ChartCode
 
 
 def some_charts(n: int, seed: int = 0) -> list[charts.Chart]:

@@ -115,9 +115,9 @@ def test_lm_evals_stock_chartqa_reads_them_offline_and_scores_the_labels_right(d
 def test_chartqa_runs_offline_on_a_local_parquet_folder(data, tmp_path):
     """eval.data_path points chartqa at the generated charts: the task written for the child
     is the stock one with only its data source replaced, and the data is part of the key."""
-    from autoround_exp import evaluate, store
-    from autoround_exp.config import validate
-    from tests.conftest import compose_cfg
+    from autoround_exp import evaluate, fsutil, store
+    from autoround_exp.preflight import validate
+    from tests.support import compose_cfg
 
     args = ["model=qwen3_vl_8b_instruct", "eval=chartqa", "serve=hf", f"eval.data_path={data.parent}"]
     exp = validate(compose_cfg(args))
@@ -126,12 +126,13 @@ def test_chartqa_runs_offline_on_a_local_parquet_folder(data, tmp_path):
     evaluate.write_task(exp, tmp_path / "tasks", stock)
     task = yaml.safe_load((tmp_path / "tasks" / "chartqa_local.yaml").read_text())
     assert task["dataset_path"] == "parquet" and task["dataset_kwargs"] == {"data_files": {"test": str(data)}}
-    assert store.eval_identity(exp, "q")["data"] == {"test": store.file_digest(data)}
+    assert store.eval_identity(exp, "q")["data"] == {"test": fsutil.file_digest(data)}
 
 
 def test_a_missing_parquet_is_refused_at_the_door(tmp_path):
-    from autoround_exp.config import ConfigError, validate
-    from tests.conftest import compose_cfg
+    from autoround_exp.config import ConfigError
+    from autoround_exp.preflight import validate
+    from tests.support import compose_cfg
 
     with pytest.raises(ConfigError, match="has no test.parquet"):
         validate(compose_cfg(["model=qwen3_vl_8b_instruct", "eval=chartqa", "serve=hf", f"eval.data_path={tmp_path}"]))

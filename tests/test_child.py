@@ -12,7 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 def alive(pid: int) -> bool:

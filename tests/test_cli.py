@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 CASES = [
     (["scheme=nvfp5"], ["scheme/nvfp5", "nvfp4", "w4a16"]),
@@ -52,8 +52,8 @@ def test_bad_config_fails_fast_and_writes_nothing(tmp_path, args, needles):
 def test_validation_imports_nothing_heavy():
     code = (
         "import sys\n"
-        "from autoround_exp.config import validate\n"
-        "from tests.conftest import compose_cfg\n"
+        "from autoround_exp.preflight import validate\n"
+        "from tests.support import compose_cfg\n"
         "validate(compose_cfg(['+sweep=upstream_llama3_1_8b_nvfp4']))\n"
         "heavy = [m for m in ('torch', 'transformers', 'llmcompressor', 'lm_eval', 'mlflow', 'vllm')\n"
         "         if m in sys.modules]\n"

@@ -8,9 +8,10 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from autoround_exp.config import ConfigError, validate
+from autoround_exp.config import ConfigError
+from autoround_exp.preflight import validate
 from autoround_exp.store import quant_identity
-from tests.conftest import CONF, ROOT, compose_cfg
+from tests.support import CONF, ROOT, compose_cfg
 
 GROUPS = ["model", "scheme", "method", "eval", "serve", "tracking", "launcher", "report"]
 

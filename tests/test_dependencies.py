@@ -10,7 +10,7 @@ from importlib import metadata
 
 import tomllib
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 def canonical(name: str) -> str:

@@ -10,10 +10,11 @@ from urllib.parse import unquote
 
 import pytest
 
+from tests.support import README_MAX_LINES, committed_readme
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
-README_MAX_LINES = 250
 
 # [text](target) and ![alt](target), with an optional "title"; the text may hold parentheses.
 LINK = re.compile(r"!?\[(?P<text>[^\]]*)\]\((?P<target>[^)\s]+)(?:\s+\"[^\"]*\")?\)")
@@ -90,7 +91,9 @@ def test_relative_links_resolve(path):
 
 
 def test_readme_is_a_page():
-    lines = len(README.read_text().splitlines())
+    """The README as shipped: a user's own sweeps regenerate the working tree's block (within
+    report.readme_max_lines; tests/test_readme_scope.py), which must not fail this clone's tests."""
+    lines = len(committed_readme().splitlines())
     assert lines <= README_MAX_LINES, (
         f"README.md has {lines} lines (at most {README_MAX_LINES}); move detail into docs/ "
         "or make the generated results block shorter"

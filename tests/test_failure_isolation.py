@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, paths_args
-from tests.test_sweep_integration import mlflow_runs, records
+from tests.support import ROOT, mlflow_runs, paths_args, records
 
 pytestmark = pytest.mark.slow
 

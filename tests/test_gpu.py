@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.test_vllm_integration import run_py, wait_no_serve_processes
+from tests.support import run_py, wait_no_serve_processes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from autoround_exp import gpu_check
-from autoround_exp.gpu_check import Check, Facts, KernelRule, expectations, render
-from tests.conftest import ROOT
+from tests.support import ROOT
+from tools import gpu_check
+from tools.gpu_check import Check, Facts, KernelRule, expectations, render
 
 CPU_AVX2 = Facts(cuda=False, cpu_ops=())
 CPU_AVX512 = Facts(cuda=False, cpu_ops=("cpu_gemm_wna16",))
@@ -175,7 +175,7 @@ def test_a_helper_left_by_the_check_is_found_by_its_session_not_its_name(tmp_pat
 @pytest.mark.skipif(gpu_check.gpu_visible(), reason="the CPU variant runs where no GPU is visible")
 def test_cpu_variant_runs_the_real_chain_and_passes(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "autoround_exp.gpu_check", "--work", str(tmp_path / "work")],
+        [sys.executable, "-m", "tools.gpu_check", "--work", str(tmp_path / "work")],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 def run_py(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -43,7 +43,7 @@ def test_an_8b_model_without_a_usable_gpu_is_refused_at_the_door(tmp_path, args)
 
 
 def test_the_unquantized_baseline_and_a_cpu_override_are_not_refused(compose_config):
-    from autoround_exp.config import at_the_door, check_quantize_device, validate
+    from autoround_exp.preflight import at_the_door, check_quantize_device, validate
 
     check_quantize_device(validate(compose_config(["model=llama3_1_8b_instruct", "method=none"]), serve_env=False))
     exp = validate(compose_config(["model=llama3_1_8b_instruct", "model.quantize_device=cpu"]), serve_env=False)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from autoround_exp import pipeline, store
-from autoround_exp.config import validate
-from tests.conftest import compose_cfg
+from autoround_exp import fsutil, pipeline, store
+from autoround_exp.preflight import validate
+from tests.support import compose_cfg
 
 
 def keys(*overrides):
@@ -125,15 +125,15 @@ def test_one_byte_in_the_middle_of_a_large_model_file_changes_the_key(tmp_path):
 
 def test_content_digests_are_computed_once_and_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     hashed = []
-    real = store._sha256_file
-    monkeypatch.setattr(store, "_sha256_file", lambda p: hashed.append(p.name) or real(p))
+    real = fsutil.sha256_file
+    monkeypatch.setattr(fsutil, "sha256_file", lambda p: hashed.append(p.name) or real(p))
     f = tmp_path / "w.bin"
     f.write_bytes(bytes(5000))
     cache_file = tmp_path / "cache" / "digests.json"
-    first = store.DigestCache(cache_file).digest(f)
-    assert store.DigestCache(cache_file).digest(f) == first and hashed == ["w.bin"]  # a new process: cached
+    first = fsutil.DigestCache(cache_file).digest(f)
+    assert fsutil.DigestCache(cache_file).digest(f) == first and hashed == ["w.bin"]  # a new process: cached
     f.write_bytes(bytes(4999) + b"\x01")
-    assert store.DigestCache(cache_file).digest(f) != first and hashed == ["w.bin", "w.bin"]
+    assert fsutil.DigestCache(cache_file).digest(f) != first and hashed == ["w.bin", "w.bin"]
 
 
 def fake_hub_cache(root: Path, repo: str, commit: str) -> None:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, paths_args
-from tests.test_sweep_integration import mlflow_runs, records, sweep_runs
+from tests.support import ROOT, mlflow_runs, paths_args, records, sweep_runs
 
 pytestmark = pytest.mark.slow
 

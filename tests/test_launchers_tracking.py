@@ -9,15 +9,11 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from autoround_exp.server import free_port
-from tests.conftest import ROOT, paths_args
-from tests.test_sweep_integration import records
+from tests.support import ROOT, paths_args, records, start_mlflow_server, stop_mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -55,31 +51,6 @@ def test_submitit_local_runs_two_jobs_in_parallel_processes_into_one_store(tmp_p
     assert len({j["pid"] for j in jobs}) == 2 and os.getpid() not in {j["pid"] for j in jobs}
     (a, b) = sorted((j["started"], j["ended"]) for j in jobs)
     assert b[0] < a[1], f"the two jobs did not overlap: {a}, {b}"
-
-
-def start_mlflow_server(folder: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """A real ``mlflow server`` on 127.0.0.1 with its store in ``folder``, once /health answers."""
-    port = port or free_port()
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    argv = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--backend-store-uri", f"sqlite:///{folder / 'server.db'}"]
-    argv += ["--artifacts-destination", str(folder / "server-artifacts"), "--workers", "1"]
-    log = (folder / "server.log").open("a")
-    server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                return server, url
-        except OSError:
-            time.sleep(1)
-    stop_mlflow_server(server)
-    raise RuntimeError((folder / "server.log").read_text()[-3000:])
-
-
-def stop_mlflow_server(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, 15)
-    server.wait(timeout=60)
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from autoround_exp import evaluate, lm_eval_cli, serve
-from autoround_exp.config import validate
-from tests.conftest import compose_cfg
+from autoround_exp.preflight import validate
+from tests.support import compose_cfg
 
 
 @pytest.fixture

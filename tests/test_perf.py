@@ -12,10 +12,11 @@ from types import SimpleNamespace
 import pytest
 
 from autoround_exp import perf
-from autoround_exp.config import ConfigError, PerfConfig, check_perf
+from autoround_exp.config import ConfigError, PerfConfig
+from autoround_exp.config_checks import check_perf
 from autoround_exp.record import PerfSettings
-from tests.test_vllm_integration import pytestmark as vllm_marks
-from tests.test_vllm_integration import run_py, wait_no_serve_processes
+from tests.support import VLLM_MARKS as vllm_marks
+from tests.support import run_py, wait_no_serve_processes
 
 PERF = ["perf=throughput", "perf.num_prompts=8", "perf.repeats=2"]
 

@@ -6,61 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from autoround_exp import pipeline
-from autoround_exp.config import validate
-from autoround_exp.evaluate import EvalResult
-from autoround_exp.quantize import QuantResult
-from tests.conftest import compose_cfg
-
-RESULTS = {
-    "results": {"gsm8k_arith": {"exact_match,strict-match": 0.5, "exact_match_stderr,strict-match": 0.05}},
-    "versions": {"gsm8k_arith": 3.0},
-    "n-shot": {"gsm8k_arith": 5},
-    "n-samples": {"gsm8k_arith": {"original": 1000, "effective": 100}},
-}
-
-
-@pytest.fixture
-def calls(tmp_path, monkeypatch):
-    seen = []
-
-    def fake_quantize(exp, out_dir, log_path):
-        seen.append(("quantize", exp.method.name))
-        return QuantResult(str(out_dir), 1.0, 2.0, 0.1, "cpu_max_rss", "cpu", 1.0, None, "recipe.yaml")
-
-    def fake_evaluate(exp, checkpoint, out_dir, log_path, pre=None):
-        seen.append(("evaluate", exp.method.name))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(RESULTS))
-        return EvalResult(
-            str(out_dir / "results.json"),
-            [],
-            str(out_dir),
-            "hf",
-            "hf",
-            "cpu",
-            {"device_name": "cpu"},
-            [],
-            {"add_bos_token": True, "double_bos": False, "warning": None},
-            1.0,
-            ["lm_eval"],
-            None,
-        )
-
-    monkeypatch.setattr(pipeline, "quantize", fake_quantize)
-    monkeypatch.setattr(pipeline, "evaluate", fake_evaluate)
-    monkeypatch.setattr(pipeline, "prestart", lambda *a: None)  # no lm-eval child to start ahead
-    return seen
-
-
-def experiment(tmp_path: Path, *overrides):
-    return validate(
-        compose_cfg(
-            [f"paths.results={tmp_path}/results", f"paths.work={tmp_path}/work", "tracking.enabled=false", *overrides]
-        )
-    )
+from tests.support import experiment
 
 
 def test_baselines_first_then_reused(tmp_path, calls):

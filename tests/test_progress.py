@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from autoround_exp import child, progress
+from autoround_exp.jobstatus import write as record_job
 from autoround_exp.progress import ChildProgress, LogProgress
-from autoround_exp.sweep_summary import record_job
-from tests.conftest import ROOT, paths_args
+from tests.support import ROOT, paths_args
 
 BAR = "█████▌    "
 

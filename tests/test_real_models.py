@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from autoround_exp import evaluate, quantize, serve
-from autoround_exp.config import validate
-from tests.conftest import compose_cfg
-from tests.test_serve import BLACKWELL, opt
+from autoround_exp.preflight import validate
+from tests.support import BLACKWELL, compose_cfg, opt
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
@@ -11,7 +12,7 @@ import pytest
 
 from autoround_exp import record
 from autoround_exp.store import Store
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 FIXTURE = Path(__file__).parent / "data" / "report" / "results"
 
@@ -65,17 +66,68 @@ def test_a_newer_schema_is_refused_not_misread():
         record.from_dict(data)
 
 
+# Fields only a run record has: a string key of these read anywhere but record.py is a walk
+# into a record's JSON (``x["eval_settings"]["limit"]``, ``d.get("quant_key")``), whatever the
+# variable is called. Names that are also config groups or lm-eval's keys (model, eval, method,
+# metrics, versions, ...) are left out: a record's reader meets those through the typed fields.
+GENERIC = {"name", "key", "model", "scheme", "method", "iters", "seed", "eval", "calibration", "perf", "tracking"}
+GENERIC |= {"config", "metrics", "versions", "status", "error", "backend", "logs", "checkpoint", "device"}
+
+
+def record_only_keys() -> set[str]:
+    top = {f for m in (record.RunRecord, record.FailureRecord) for f in m.model_fields} - GENERIC
+    nested = {"task_versions", "lm_eval_model", "results_json", "server_command", "backend_requested", "parent_run_id"}
+    return top | nested
+
+
+def string_walks(source: str, keys: set[str]) -> list[tuple[int, str]]:
+    """``x["k"]`` and ``x.get("k")`` with a record-only key ``k``, on any expression ``x``
+    but a typed object's attribute (``rec.stages["perf"]`` reads a dict field by its key)."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        base = key = None
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            base, key = node.value, node.slice.value
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
+            base, key = node.func.value, node.args[0].value
+        if key in keys and not isinstance(base, ast.Attribute):
+            out.append((node.lineno, ast.unparse(node)))
+    return out
+
+
 def test_no_string_walks_into_the_record_outside_its_module():
-    """Readers use fields: ``r["config"]["scheme"]``, ``rec["eval"]``, ``run.record["table"]`` and the
-    like appear nowhere but record.py."""
-    walk = re.compile(r"""(\b(r|rec|record|found)|\.record)\s*(\[["']|\.get\()""")
+    """Readers use fields: a record's JSON is read in record.py only (``from_dict``, ``load_any``)."""
+    keys = record_only_keys()
     offenders = []
-    # the modules that build, store, log and report run records (quantize's loguru records and the
-    # tiny models' data rows are other things)
-    pkg = ROOT / "autoround_exp"
-    readers = [pkg / f"{m}.py" for m in ("pipeline", "store", "tracking", "benchmark", "sweep_summary")]
-    for path in [*readers, *(pkg / "report").glob("*.py"), ROOT / "notebooks" / "report.ipynb"]:
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if walk.search(line):
-                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    sources = [p for p in (ROOT / "autoround_exp").rglob("*.py") if p.name != "record.py"]
+    for path in [*sources, ROOT / "run.py"]:
+        offenders += [f"{path.relative_to(ROOT)}:{n}: {code}" for n, code in string_walks(path.read_text(), keys)]
+    nb = json.loads((ROOT / "notebooks" / "report.ipynb").read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            offenders += [f"report.ipynb: {code}" for _, code in string_walks("".join(cell["source"]), keys)]
     assert offenders == []
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        'limit = whatever["eval_settings"]["limit"]',
+        'q = json.loads(text).get("quant_key")',
+        'when = rows[0]["finished_at"]',
+        'name = data["checkpoint_name"]',
+    ],
+)
+def test_the_string_walk_guard_catches_a_planted_read_whatever_the_variable(planted):
+    assert string_walks(planted, record_only_keys()) != []
+
+
+def test_the_string_walk_guard_leaves_typed_reads_alone():
+    keys = record_only_keys()
+    assert string_walks('t = rec.stages["perf"]; u = cfg["eval"]["limit"]; v = rec.eval_settings.limit', keys) == []

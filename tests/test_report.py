@@ -20,7 +20,7 @@ from scipy.stats import binomtest
 from autoround_exp import lmeval_results
 from autoround_exp.report import runs, tables
 from autoround_exp.report.render import published, render
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 DATA = Path(__file__).parent / "data"
 FIXTURE = DATA / "report" / "results"

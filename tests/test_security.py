@@ -8,9 +8,8 @@ import json
 from pathlib import Path
 
 from autoround_exp import evaluate, pipeline
-from autoround_exp.config import validate
-from tests.conftest import ROOT, compose_cfg
-from tests.test_pipeline import calls, experiment  # noqa: F401  (the fixture)
+from autoround_exp.preflight import validate
+from tests.support import ROOT, compose_cfg, experiment
 
 
 def test_no_model_config_trusts_remote_code_and_the_eval_command_does_not_either():

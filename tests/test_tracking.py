@@ -13,8 +13,9 @@ from pathlib import Path
 
 from autoround_exp import tracking
 from autoround_exp.config import TrackingConfig
+from autoround_exp.record import FailureRecord, Tracking
 from autoround_exp.store import Store
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 FIXTURE = Path(__file__).parent / "data" / "report" / "results"
 DEAD = "http://127.0.0.1:9"  # the discard port: nothing listens there
@@ -43,7 +44,7 @@ def pending_store(tmp_path: Path) -> Path:
     shutil.copytree(FIXTURE, results)
     store = Store(results)
     for rec in store.records():
-        rec.tracking = tracking.Tracking(status="pending", error="ConnectionError: down")
+        rec.tracking = Tracking(status="pending", error="ConnectionError: down")
         store.save(rec)
     return results
 
@@ -79,7 +80,7 @@ def test_sync_logs_each_pending_record_once(tmp_path):
     # once: a second sync has nothing to do, and a record marked pending again is not logged twice
     assert tracking.sync(results, cfg) == (0, 0)
     rec, first_id = recs[0], recs[0].mlflow_run_id
-    rec.tracking = tracking.Tracking(status="pending")
+    rec.tracking = Tracking(status="pending")
     Store(results).save(rec)
     assert tracking.sync(results, cfg) == (1, 0)
     assert len(client.search_runs([runs[0].info.experiment_id])) == 7
@@ -127,15 +128,38 @@ def test_an_mlflow_run_spans_the_jobs_real_work_and_holds_its_stage_times(tmp_pa
     }
 
 
-def test_the_sweeps_results_table_becomes_rows_for_mlflows_table_view():
-    md = (
-        "note\n\n| config | strict | × base |\n|---|--:|--:|\n| base | 0.710 | |\n| W4A16 RTN | 0.676 | 0.95 |\n\nafter"
+def test_sync_twice_after_a_failed_job_logs_one_failed_run(tmp_path):
+    """A failed job whose first logging created its MLflow run but could not mark the record
+    logged (the server went away, the process died) is pending; sync finds that run instead of
+    logging the failure a second time, and a second sync has nothing to do."""
+    import mlflow
+
+    results = tmp_path / "results"
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "mlartifacts"))
+    rec = FailureRecord(
+        name="tiny_llama-w4a16-rtn",
+        key="k1",
+        quant_key="q1",
+        sweep_id="s",
+        started_at="2026-12-06T10:00:00.000Z",
+        failed_at="2026-12-06T10:01:00.000Z",
+        error="RuntimeError: boom",
+        logs=[],
+        backend="hf",
+        config={"eval": {"limit": 8}},
+        tracking=Tracking(status="pending", error="ConnectionError: down"),
     )
-    assert tracking.markdown_rows(md) == [
-        {"config": "base", "strict": "0.710", "× base": ""},
-        {"config": "W4A16 RTN", "strict": "0.676", "× base": "0.95"},
-    ]
-    assert tracking.markdown_rows("no table") == []
+    Store(results).save_failure(rec)
+    first = tracking.log_failure(cfg, rec)  # the first attempt, whose record stayed pending
+    assert tracking.sync(results, cfg) == (1, 0)
+    assert tracking.sync(results, cfg) == (0, 0)
+    client = mlflow.MlflowClient(tracking_uri=cfg.uri)
+    exp_id = client.get_experiment_by_name("autoround-exp").experiment_id
+    runs = client.search_runs([exp_id], "tags.run_key = 'k1'")
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(first, "FAILED")]
+    # the same key failing again later is a new failure, with a run of its own
+    again = rec.model_copy(update={"failed_at": "2026-12-06T11:00:00.000Z"})
+    assert tracking.log_failure(cfg, again) != first
 
 
 def test_a_sweep_ends_the_parent_runs_that_dead_sweeps_of_this_host_left_running(tmp_path):

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from autoround_exp.server import free_port
-from tests.conftest import ROOT
-from tests.test_launchers_tracking import start_mlflow_server, stop_mlflow_server
+from tests.support import ROOT, start_mlflow_server, stop_mlflow_server
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from autoround_exp.ui_check import DevTools
+from tools.ui_check import DevTools
 
 
 def _frame(payload: bytes, fin: bool = True, opcode: int = 1) -> bytes:

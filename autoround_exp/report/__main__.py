@@ -12,7 +12,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from autoround_exp.config import ConfigError, ReportConfig, check_report
+from autoround_exp.config import ConfigError, ReportConfig
+from autoround_exp.config_checks import check_report
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "report" / "default.yaml"
 
@@ -28,6 +29,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mlflow", metavar="URI", help="read runs from this MLflow tracking URI instead of --results")
     p.add_argument("--experiment", default="autoround-exp", help="MLflow experiment name (with --mlflow)")
     p.add_argument("--readme", default=d.readme, help="README to regenerate between its markers ('' for none)")
+    p.add_argument(
+        "--readme-scope",
+        choices=("full", "all"),
+        default=d.readme_scope,
+        help=f"README block: full evaluations only, or every section (default {d.readme_scope}); "
+        "report.md always has every run",
+    )
+    p.add_argument(
+        "--readme-max-lines",
+        type=int,
+        default=d.readme_max_lines,
+        help=f"the README block's page budget in lines (default {d.readme_max_lines})",
+    )
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the README is stale")
     p.add_argument(
         "--fail-below-threshold", action="store_true", help="exit 3 if a config's recovery is below threshold"
@@ -47,6 +61,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def report_config(args: argparse.Namespace) -> ReportConfig:
     cfg = defaults()
     cfg.alpha, cfg.readme = args.alpha, args.readme or None
+    cfg.readme_scope, cfg.readme_max_lines = args.readme_scope, args.readme_max_lines
     for t in args.threshold:
         key, _, value = t.rpartition("=")
         try:

@@ -42,12 +42,21 @@ def _upstream_order(row: Row) -> tuple:
     )
 
 
-def shown_rows(section: Section) -> list[Row]:
-    """One row per recipe (scheme, method, iters, vision tower): the preferred backend's."""
+def shown_rows(section: Section, keys: set[str] | None = None) -> list[Row]:
+    """One row per recipe (scheme, method, iters, vision tower): the preferred backend's; plus
+    the base and RTN rows that a shown row's recovery and Δ vs RTN were computed against (same
+    backend), so every number can be recomputed from the rows on the page. With ``keys``,
+    only rows of those runs."""
+    candidates = [r for r in section.rows if keys is None or any(run.record.key in keys for run in r.runs)]
     by_config: dict[tuple, list[Row]] = {}
-    for row in section.rows:
+    for row in candidates:
         by_config.setdefault(row.first.config.recipe, []).append(row)
-    return sorted((min(rows, key=_backend_rank) for rows in by_config.values()), key=_upstream_order)
+    shown = [min(rows, key=_backend_rank) for rows in by_config.values()]
+    for row in list(shown):
+        for ref in (tables.baseline_of(section, row), tables.rtn_of(section, row)):
+            if ref is not None and any(ref is c for c in candidates) and all(ref is not s for s in shown):
+                shown.append(ref)
+    return sorted(shown, key=lambda r: (*_upstream_order(r), _backend_rank(r)))
 
 
 @dataclass
@@ -155,6 +164,18 @@ class CompactSection:
         headers, body = self.cells()
         return pd.DataFrame(body, columns=headers)
 
+    def row_dicts(self) -> list[dict[str, str]]:
+        """The table's rows keyed by column, a metric's recovery and Δ vs RTN named after it."""
+        headers, body = self.cells()
+        names, metric = [], None
+        for h in headers:
+            if h in ("recovery", "Δ vs RTN"):
+                names.append(f"{metric} {h}")
+            else:
+                names.append(h)
+                metric = h
+        return [{"Section": self.section.title, **dict(zip(names, cells, strict=True))} for cells in body]
+
     def table(self) -> str:
         from tabulate import tabulate
 
@@ -204,9 +225,7 @@ def compact(
     section: Section, thresholds: tables.Thresholds, alpha: float, keys: set[str] | None = None
 ) -> CompactSection | None:
     """The section's short table; with ``keys``, only the rows of those runs (None if none)."""
-    rows = shown_rows(section)
-    if keys is not None:
-        rows = [r for r in rows if any(run.record.key in keys for run in r.runs)]
+    rows = shown_rows(section, keys)
     if not rows:
         return None
     below = [
@@ -231,15 +250,25 @@ def lm_eval_tables(model: str, sections: list[CompactSection]) -> str:
     body = []
     for cs in sections:
         suffix = f" — {cs.section.key.task}, {cs.section.key.num_fewshot}-shot" if len(sections) > 1 else ""
+        labels = [row.first.label for row in cs.rows]
         for row in cs.rows:
+            # one config shown for two backends (a base beside the rows scored by each): say which
+            by = f", {row.first.config.backend}" if labels.count(row.first.label) > 1 else ""
             # no blank line between heading and table, nor after it: a heading ends a table
-            body.append(f"#### {row.first.label}{suffix}\n{tables.lm_eval_table(row.first)}")
+            body.append(f"#### {row.first.label}{by}{suffix}\n{tables.lm_eval_table(row.first)}")
     n = sum(len(cs.rows) for cs in sections)
     return (
         f"<details><summary>lm-eval's table per config, {model} ({n} configs)</summary>\n\n"
         + "\n".join(body)
         + "\n\n</details>"
     )
+
+
+NO_RUNS = "*No finished runs yet: run `python run.py -m …`, then `python -m autoround_exp.report`.*"
+NO_FULL_RUNS = (
+    "*No full-set runs yet. Runs with `eval.limit` are in `results/report.md`; "
+    "`report.readme_scope=all` shows them here too.*"
+)
 
 
 def render_block(
@@ -252,6 +281,7 @@ def render_block(
     *,
     keys: set[str] | None = None,
     details: bool = True,
+    empty: str = NO_RUNS,
 ) -> tuple[str, list[str]]:
     """The markdown block, and the configs below their recovery threshold."""
     parts = [
@@ -261,7 +291,7 @@ def render_block(
     below: list[str] = []
     shown = [(s, c) for s in secs if (c := compact(s, thresholds, alpha, keys)) is not None]
     if not shown:
-        parts.append("*No finished runs yet: run `python run.py -m …`, then `python -m autoround_exp.report`.*")
+        parts.append(empty)
     for i, (section, cs) in enumerate(shown):
         parts.append(f"### {section.title}")
         if plots_dir is not None:
@@ -280,3 +310,48 @@ def render_block(
         if details and last_of_model:
             parts.append(lm_eval_tables(model, [c for s, c in shown if s.key.model == model]))
     return "\n\n".join(parts) + "\n", below
+
+
+@dataclass
+class ReadmeBlock:
+    text: str
+    below_threshold: list[str]
+    out_of_scope: list[str]  # titles of the sections report.readme_scope keeps out
+    over_budget: list[str]  # titles of the sections past report.readme_max_lines
+
+    @property
+    def left_out(self) -> list[str]:
+        return self.out_of_scope + self.over_budget
+
+
+def readme_block(
+    secs: list[Section],
+    thresholds: tables.Thresholds,
+    alpha: float,
+    plots_dir: Path | None,
+    link_from: Path,
+    source: str,
+    *,
+    scope: str = "full",
+    max_lines: int | None = None,
+) -> ReadmeBlock:
+    """The README's block: the sections in ``scope`` ("full": evaluations without a limit;
+    "all"), in order, as many as fit in ``max_lines`` (the first always does); the others are
+    named in ``left_out`` and stay in the full report."""
+    in_scope = [s for s in secs if scope == "all" or s.key.limit is None]
+    out_of_scope = [s.title for s in secs if s not in in_scope]
+    empty = NO_FULL_RUNS if out_of_scope and not in_scope else NO_RUNS
+
+    def render(chosen: list[Section]) -> tuple[str, list[str]]:
+        return render_block(chosen, thresholds, alpha, plots_dir, link_from, source, empty=empty)
+
+    chosen: list[Section] = []
+    over_budget = []
+    for section in in_scope:
+        text, _ = render([*chosen, section])
+        if chosen and max_lines is not None and len(text.splitlines()) > max_lines:
+            over_budget.append(section.title)
+            continue
+        chosen.append(section)
+    text, below = render(chosen)
+    return ReadmeBlock(text, below, out_of_scope, over_budget)

@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 from autoround_exp.config import ReportConfig
+from autoround_exp.fsutil import write_atomic
 from autoround_exp.report import compact, readme, runs, tables
 from autoround_exp.report.render import render
-from autoround_exp.store import write_atomic
 
 
 def generate(
@@ -43,9 +43,20 @@ def generate(
             log_report(log_to, experiment, results / "report.md", report.plots, run_id=run_id)
 
     if readme_path is not None and readme_path.is_file():
-        block, _ = compact.render_block(runs.sections(loaded), thresholds, cfg.alpha, plots, readme_path.parent, source)
+        block = compact.readme_block(
+            runs.sections(loaded),
+            thresholds,
+            cfg.alpha,
+            plots,
+            readme_path.parent,
+            source,
+            scope=cfg.readme_scope,
+            max_lines=cfg.readme_max_lines,
+        )
+        if block.left_out and not check:
+            print(readme_scope_line(block, cfg, results / "report.md"))
         try:
-            changed = readme.update(readme_path, block, check=check)
+            changed = readme.update(readme_path, block.text, check=check)
         except readme.MarkerError as e:
             print(f"autoround-exp report: {readme_path}: {e}", file=sys.stderr)
             return 2
@@ -66,3 +77,14 @@ def generate(
     if fail_below_threshold and report.below_threshold:
         status = status or 3
     return status
+
+
+def readme_scope_line(block: compact.ReadmeBlock, cfg: ReportConfig, report: Path) -> str:
+    """One line on what the README block leaves to the full report, and why."""
+    why = []
+    if block.out_of_scope:
+        why.append(f"{len(block.out_of_scope)} with eval.limit (report.readme_scope=full)")
+    if block.over_budget:
+        why.append(f"{len(block.over_budget)} past its {cfg.readme_max_lines}-line budget (report.readme_max_lines)")
+    n = len(block.left_out)
+    return f"report: the README shows the headline sections; {n} more only in {report}: {', '.join(why)}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from autoround_exp.store import write_atomic
+from autoround_exp.fsutil import write_atomic
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"

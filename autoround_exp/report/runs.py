@@ -194,8 +194,24 @@ def sections(runs: list[Run]) -> list[Section]:
         by_section.setdefault(run.section, {}).setdefault(run.config, []).append(run)
     return [
         Section(key, [Row(group) for group in configs.values()])
-        for key, configs in sorted(by_section.items(), key=lambda kv: tuple(str(x) for x in kv[0]))
+        for key, configs in sorted(by_section.items(), key=lambda kv: section_order(kv[0]))
     ]
+
+
+def section_order(key: SectionKey) -> tuple:
+    """Full evaluations first, then by model and task; limited ones by more documents first
+    (never a 37-document section above a 1000-document one)."""
+    k = key
+    return (
+        k.limit is not None,
+        k.model,
+        k.path,
+        k.task,
+        k.num_fewshot,
+        -(k.limit or 0),
+        k.add_bos_token,
+        k.apply_chat_template,
+    )
 
 
 def frame(runs: list[Run]):

@@ -1,0 +1,273 @@
+"""The door's config checks: one checker per config group, then ``validate`` turns a composed
+config into an ``Experiment``. Pure functions of the config (and the files it names): no
+other process is asked here (``preflight`` does that), and nothing heavy is imported."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from autoround_exp.config import (
+    AUTOROUND_METHODS,
+    BACKENDS,
+    CALIBRATION_MODES,
+    DATA_FORMATS,
+    DEVICES,
+    LOADERS,
+    METHODS,
+    MODALITIES,
+    README_SCOPES,
+    TRACKING_SCHEMES,
+    CalibrationConfig,
+    ConfigError,
+    EvalConfig,
+    Experiment,
+    ExperimentConfig,
+    LocalTaskData,
+    MethodConfig,
+    ModelConfig,
+    PerfConfig,
+    ReportConfig,
+    SchemeConfig,
+    ServeConfig,
+    TrackingConfig,
+    data_files,
+    ignores,
+    redact_uri,
+)
+
+
+def choices(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value} is unknown; choose one of {', '.join(map(str, allowed))}.")
+
+
+def _is_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+
+
+def check_tracking(t: TrackingConfig) -> None:
+    scheme = t.uri.split(":", 1)[0] if ":" in t.uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError(
+            f"tracking.uri={redact_uri(t.uri)} is not a tracking URI MLflow takes; use sqlite:///mlflow.db, "
+            f"http://host:port (tracking=server) or another of {', '.join(TRACKING_SCHEMES)}."
+        )
+
+
+def check_perf(p: PerfConfig) -> None:
+    if not p.enabled:
+        return
+    for name in ("num_prompts", "repeats", "timeout_s"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"perf.{name}={getattr(p, name)} is invalid; set an integer >= 1.")
+    if p.warmups < 0:
+        raise ConfigError(f"perf.warmups={p.warmups} is invalid; set an integer >= 0.")
+    for name in ("input_len", "output_len"):
+        if getattr(p, name) is not None and getattr(p, name) < 1:
+            raise ConfigError(
+                f"perf.{name}={getattr(p, name)} is invalid; set an integer >= 1, or null for the task's."
+            )
+    rate = str(p.request_rate)
+    try:
+        ok = rate == "inf" or float(rate) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"perf.request_rate={rate} is invalid; set inf (all requests at once) or requests/s > 0.")
+
+
+def check_report(r: ReportConfig) -> None:
+    for key, value in [("report.recovery_threshold", r.recovery_threshold)] + [
+        (f"report.recovery_thresholds.{k}", v) for k, v in r.recovery_thresholds.items()
+    ]:
+        if not 0 < value <= 1:
+            raise ConfigError(f"{key}={value} is invalid; set a recovery fraction in (0, 1], e.g. 0.95.")
+    for k in r.recovery_thresholds:
+        if k.count("/") != 1:
+            raise ConfigError(
+                f"report.recovery_thresholds has key {k!r}; name a metric as <metric>/<filter>, "
+                "e.g. exact_match/strict-match."
+            )
+    if not 0 < r.alpha < 1:
+        raise ConfigError(f"report.alpha={r.alpha} is invalid; set a significance level in (0, 1), e.g. 0.05.")
+    choices("report.readme_scope", r.readme_scope, README_SCOPES)
+    if r.readme_max_lines < 20:
+        raise ConfigError(
+            f"report.readme_max_lines={r.readme_max_lines} is too small for one table; set 20 or more (default 160)."
+        )
+
+
+def check_method(typed: ExperimentConfig) -> None:
+    q, s, m = typed.method, typed.scheme, typed.model
+    if not isinstance(typed.iters, int) or typed.iters < 0:
+        raise ConfigError(f"iters={typed.iters} is invalid; set iters to an integer >= 0 (e.g. iters=0 or iters=200).")
+    choices("method", q.name, METHODS)
+    if q.name in AUTOROUND_METHODS:
+        if not s.autoround:
+            raise ConfigError(
+                f"scheme={s.name} cannot be tuned by AutoRoundModifier; use method=rtn, "
+                "or a scheme with autoround: true."
+            )
+        if q.iters < 0:
+            raise ConfigError(f"method.iters={q.iters} is invalid; set iters to an integer >= 0.")
+        if q.batch_size < 1:
+            raise ConfigError(f"method.batch_size={q.batch_size} is invalid; set an integer >= 1.")
+        if q.lr is not None and q.lr <= 0:
+            raise ConfigError(f"method.lr={q.lr} is invalid; set a positive number or null.")
+    if q.name == "autoround_native" and m.modality == "vision-language":
+        raise ConfigError(
+            f"method=autoround_native runs text models only (model={m.name} is vision-language); "
+            "use method=autoround, llm-compressor's AutoRoundModifier with upstream's Qwen3-VL recipe."
+        )
+
+
+def check_scheme(s: SchemeConfig, q: MethodConfig, m: ModelConfig) -> None:
+    if q.name != "none" and s.group_size:
+        bad = [k for k in m.linear_in_features if k % s.group_size]
+        if bad:
+            raise ConfigError(
+                f"scheme={s.name} uses groups of {s.group_size}, which do not divide the in_features {bad} of "
+                f"model={m.name}; choose a scheme whose group size divides {m.linear_in_features}."
+            )
+
+
+def check_model(m: ModelConfig, q: MethodConfig) -> None:
+    choices("model.modality", m.modality, MODALITIES)
+    choices("model.quantize_device", m.quantize_device, DEVICES)
+    choices("model.loader", m.loader, LOADERS)
+    if m.modality == "vision-language" and q.name != "none":
+        if m.vision_linear is None:
+            raise ConfigError(
+                f"model={m.name} is vision-language: set model.vision_linear to the name of one of its "
+                "vision tower's Linear layers, so the recipe can be checked to leave the tower unquantized."
+            )
+        if not m.quantize_vision and not ignores(m.vision_linear, m.ignore):
+            raise ConfigError(
+                f"model.ignore={list(m.ignore)} would quantize the vision tower ({m.vision_linear}); "
+                'add a pattern for it, as upstream does: model.ignore=["re:.*lm_head","re:.*visual.*"] '
+                "(or set model.quantize_vision=true to quantize the tower on purpose)."
+            )
+        if m.quantize_vision and ignores(m.vision_linear, m.ignore):
+            raise ConfigError(
+                f"model.quantize_vision=true, but model.ignore={list(m.ignore)} leaves the vision tower "
+                f'({m.vision_linear}) unquantized; drop its pattern, e.g. model.ignore=["re:.*lm_head"].'
+            )
+    if m.quantize_vision and m.modality != "vision-language":
+        raise ConfigError(f"model.quantize_vision=true needs a vision-language model (model={m.name} is text-only).")
+    if _is_local(m.path) and not Path(m.path).expanduser().is_dir():
+        raise ConfigError(f"model.path={m.path} does not exist; set model.path to a model directory or a hub id.")
+    e = m.vllm
+    if e.tensor_parallel_size < 1 or e.data_parallel_size < 1:
+        raise ConfigError("model.vllm.tensor_parallel_size and data_parallel_size must be >= 1.")
+    if not 0 < e.gpu_memory_utilization <= 1:
+        raise ConfigError(f"model.vllm.gpu_memory_utilization={e.gpu_memory_utilization} must be in (0, 1].")
+
+
+def check_eval(ev: EvalConfig, m: ModelConfig) -> LocalTaskData | None:
+    """The eval group's checks; the local data set the task reads, if any."""
+    if ev.modality == "vision-language" and m.modality != "vision-language":
+        raise ConfigError(f"eval={ev.name} needs a vision-language model; model={m.name} is text-only.")
+    if ev.limit is not None and ev.limit <= 0:
+        raise ConfigError(f"eval.limit={ev.limit} is invalid; set a positive integer, or null for the whole test set.")
+    if ev.num_fewshot < 0:
+        raise ConfigError(f"eval.num_fewshot={ev.num_fewshot} is invalid; set an integer >= 0.")
+    if ev.batch_size != "auto" and not str(ev.batch_size).isdigit():
+        raise ConfigError(f"eval.batch_size={ev.batch_size} is invalid; set auto or a positive integer.")
+    if ev.timeout_s <= 0:
+        raise ConfigError("eval.timeout_s must be a positive number of seconds.")
+    eval_data = LocalTaskData(ev.data_path, ev.data_name) if ev.data_path else m.eval_data.get(ev.task)
+    choices("eval.data_format", ev.data_format, DATA_FORMATS)
+    if eval_data is not None:
+        files = data_files(ev, eval_data.path)
+        for path in files.values():
+            if not Path(path).is_file():
+                raise ConfigError(
+                    f"eval data {eval_data.path} has no {Path(path).name}; set eval.data_path to a folder with "
+                    f"{', '.join(Path(p).name for p in files.values())} in the task's format."
+                )
+    return eval_data
+
+
+def calibration_of(typed: ExperimentConfig) -> CalibrationConfig:
+    """The model's calibration with the run's overrides (and its seed), checked."""
+    m, q = typed.model, typed.method
+    calib = CalibrationConfig(
+        **{**vars(m.calibration), **{k: v for k, v in vars(typed.calibration).items() if v is not None}}
+    )
+    if typed.seed is not None:
+        if not isinstance(typed.seed, int) or typed.seed < 0:
+            raise ConfigError(f"seed={typed.seed} is invalid; set an integer >= 0 (e.g. -m seed=0,1,2) or null.")
+        calib = replace(calib, seed=typed.seed)
+    choices("calibration.mode", calib.mode, CALIBRATION_MODES)
+    if calib.nsamples < 1 or calib.seqlen < 1:
+        raise ConfigError(
+            f"calibration.nsamples={calib.nsamples}, calibration.seqlen={calib.seqlen}: both must be >= 1."
+        )
+    if calib.source.endswith(".parquet") and m.modality != "vision-language":
+        raise ConfigError(
+            f"calibration.source={calib.source} is image+text (a ChartQA-format parquet); model={m.name} is "
+            "text-only: set a .jsonl/.txt file or a hub data set id."
+        )
+    if q.name != "none" and _is_local(calib.source) and not Path(calib.source).expanduser().is_file():
+        raise ConfigError(
+            f"calibration.source={calib.source} does not exist; set a .jsonl/.txt file or a hub data set id."
+        )
+    return calib
+
+
+def check_serve(sv: ServeConfig) -> None:
+    choices("serve.backend", sv.backend, BACKENDS)
+    choices("serve.device", sv.device, DEVICES)
+    if sv.python is not None and not Path(sv.python).is_file():
+        raise ConfigError(f"serve.python={sv.python} does not exist; set the serve environment's python, or null.")
+    if sv.startup_timeout_s <= 0:
+        raise ConfigError("serve.startup_timeout_s must be a positive number of seconds.")
+
+
+def check_gpus(gpus: list[int] | None) -> None:
+    if gpus is not None and (not gpus or any(g < 0 for g in gpus)):
+        raise ConfigError(f"gpus={gpus} is invalid; list GPU indices, e.g. gpus=[0,1,2,3], or null for all.")
+
+
+def validate(cfg: DictConfig) -> Experiment:
+    """Turn a composed config into an ``Experiment`` or raise ``ConfigError``: the checks of
+    the config alone, one per group, in well under a second. What needs other processes (the
+    serve environment, the tracking server, the hub, the GPU) is ``preflight.validate``'s."""
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        typed: ExperimentConfig = OmegaConf.to_object(cfg)
+    except Exception as e:  # omegaconf's own errors already name the key
+        raise ConfigError(str(e)) from e
+
+    check_method(typed)
+    check_serve(typed.serve)
+    check_model(typed.model, typed.method)
+    check_scheme(typed.scheme, typed.method, typed.model)
+    eval_data = check_eval(typed.eval, typed.model)
+    calib = calibration_of(typed)
+    check_perf(typed.perf)
+    check_report(typed.report)
+    check_gpus(typed.gpus)
+    if typed.tracking.enabled:
+        check_tracking(typed.tracking)
+    resolved["tracking"]["uri"] = redact_uri(typed.tracking.uri)  # what is logged and stored
+    return Experiment(
+        model=typed.model,
+        scheme=typed.scheme,
+        method=typed.method,
+        eval=typed.eval,
+        serve=typed.serve,
+        tracking=typed.tracking,
+        paths=typed.paths,
+        calibration=calib,
+        eval_data=eval_data,
+        baselines=typed.baselines,
+        force=typed.force,
+        resolved=resolved,
+        seed=typed.seed,
+        perf=typed.perf,
+    )

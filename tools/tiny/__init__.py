@@ -1,0 +1,1 @@
+"""Builders of the embedded tiny models (autoround_exp/tiny/assets/)."""
