@@ -4,6 +4,7 @@ are in ``config_checks`` (the config alone) and ``preflight`` (what asks other p
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -245,20 +246,20 @@ class ExperimentConfig:
     gpus: list[int] | None = None
 
 
-SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
-
-
 def register_configs() -> None:
-    """The schema, and each ``sweeps/*.yaml`` preset as ``+sweep=<name>``."""
+    """The schema (the sweep presets are the ``conf/sweep/`` group: ``+sweep=<name>``), and
+    the resolvers the configs use."""
     from hydra.core.config_store import ConfigStore
 
     from autoround_exp.assets import register_resolver
 
     register_resolver()
-    cs = ConfigStore.instance()
-    cs.store(name="experiment_schema", node=ExperimentConfig)
-    for path in sorted(SWEEPS.glob("*.yaml")):
-        cs.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_")
+    if not OmegaConf.has_resolver("autoround_exp.pid"):
+        # The sweep's folder: the time to the second and the pid of the process that starts it,
+        # so two sweeps started in the same second (two terminals, a script) never share one.
+        # Cached, and Hydra copies the cache to each job's config: every job sees one value.
+        OmegaConf.register_new_resolver("autoround_exp.pid", lambda: str(os.getpid()), use_cache=True)
+    ConfigStore.instance().store(name="experiment_schema", node=ExperimentConfig)
 
 
 @dataclass(frozen=True)
@@ -303,11 +304,20 @@ class Experiment:
 
     def with_method(self, method: MethodConfig) -> Experiment:
         """The same experiment under another method (the baselines of a sweep)."""
-        resolved = {**self.resolved, "method": vars(method).copy()}
+        resolved = resolved_for(self.resolved, method)
         choice = self.serve_choice
         if choice is not None and method.name == "none":
             choice = replace(choice, note=None)  # caveats are about the quantized kernels
         return replace(self, method=method, resolved=resolved, serve_choice=choice)
+
+
+def resolved_for(resolved: dict[str, Any], method: MethodConfig) -> dict[str, Any]:
+    """The resolved config as a run of ``method`` logs it: the top-level ``iters`` only where the
+    method tunes (an RTN or unquantized run that logged iters=200 beside method.iters=0 misled)."""
+    out = {**resolved, "method": vars(method).copy()}
+    if method.name not in AUTOROUND_METHODS:
+        out.pop("iters", None)
+    return out
 
 
 DATA_FORMATS = {"json": "jsonl", "parquet": "parquet"}  # lm-eval's dataset_path -> file suffix

@@ -4,6 +4,9 @@ other process is asked here (``preflight`` does that), and nothing heavy is impo
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ from autoround_exp.config import (
     data_files,
     ignores,
     redact_uri,
+    resolved_for,
 )
 
 
@@ -233,10 +237,42 @@ def check_gpus(gpus: list[int] | None) -> None:
         raise ConfigError(f"gpus={gpus} is invalid; list GPU indices, e.g. gpus=[0,1,2,3], or null for all.")
 
 
+def schema_keys(schema: type) -> dict[str, type | None]:
+    """The keys of a config dataclass, each with its dataclass type where it has one."""
+    hints = typing.get_type_hints(schema)
+    out = {}
+    for f in dataclasses.fields(schema):
+        hint = hints[f.name]
+        if typing.get_origin(hint) in (dict, list, tuple):  # free keys (e.g. recovery_thresholds)
+            out[f.name] = None
+            continue
+        kinds = [a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
+        out[f.name] = kinds[0] if kinds else None
+    return out
+
+
+def check_known_keys(node: Any, schema: type = ExperimentConfig, prefix: str = "") -> None:
+    """Every key of the composed config is one the schema knows: a key added with Hydra's ``+``
+    (``+iter=50``, a typo for ``iters``) would otherwise be carried along and silently ignored."""
+    known = schema_keys(schema)
+    for key in node:
+        if prefix == "" and key == "hydra":
+            continue
+        if key not in known:
+            path = f"{prefix}{key}"
+            close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"the keys there are {', '.join(known)}."
+            raise ConfigError(f"{path} is not a config key: +{path}=… adds it, and nothing reads it; {hint}")
+        child = node[key]
+        if known[key] is not None and isinstance(child, DictConfig):
+            check_known_keys(child, known[key], f"{prefix}{key}.")
+
+
 def validate(cfg: DictConfig) -> Experiment:
     """Turn a composed config into an ``Experiment`` or raise ``ConfigError``: the checks of
     the config alone, one per group, in well under a second. What needs other processes (the
     serve environment, the tracking server, the hub, the GPU) is ``preflight.validate``'s."""
+    check_known_keys(cfg)
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         typed: ExperimentConfig = OmegaConf.to_object(cfg)
@@ -255,6 +291,7 @@ def validate(cfg: DictConfig) -> Experiment:
     if typed.tracking.enabled:
         check_tracking(typed.tracking)
     resolved["tracking"]["uri"] = redact_uri(typed.tracking.uri)  # what is logged and stored
+    resolved = resolved_for(resolved, typed.method)
     return Experiment(
         model=typed.model,
         scheme=typed.scheme,

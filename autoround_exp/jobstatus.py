@@ -27,6 +27,9 @@ class Outcome:
     metrics: dict
     mlflow_run_id: str | None
     record_path: str  # the error, for a failed one
+    seconds: float | None = None  # what computing it took (None: reused)
+    label: str | None = None  # the config as a person reads it: "W4A16 RTN", "base (unquantized)"
+    backend: str | None = None
 
 
 @dataclass

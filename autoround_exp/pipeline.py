@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from autoround_exp import lmeval_results, perf, store
+from autoround_exp import lmeval_results, perf, progress, store
 from autoround_exp.config import AUTOROUND_METHODS, ConfigError, Experiment, MethodConfig
 from autoround_exp.evaluate import evaluate, prestart
 from autoround_exp.fsutil import locked
@@ -195,7 +195,8 @@ def _run_one(
     path = results.save(rec, samples)
     if perf_error is not None:
         raise PerfFailed(f"serving benchmark: {perf_error} (the accuracy run is stored; a re-run measures it)")
-    return Outcome(name, key, "done", rec.metrics, rec.mlflow_run_id, str(path))
+    seconds = sum(v for v in rec.stages.values())
+    return Outcome(name, key, "done", rec.metrics, rec.mlflow_run_id, str(path), seconds=seconds)
 
 
 class PerfFailed(RuntimeError):
@@ -269,6 +270,40 @@ def record_failure(
     print(f"[failed] {name} key={key} record={path}", flush=True)
 
 
+def short_label(exp: Experiment) -> str:
+    """The config as the report's rows name it: base (unquantized), W4A16 RTN, NVFP4 AutoRound iters=200."""
+    if not exp.quantized:
+        return "base (unquantized)"
+    m = exp.method
+    label = {
+        "rtn": "RTN",
+        "autoround": f"AutoRound iters={m.iters}",
+        "autoround_native": f"auto-round API iters={m.iters}",
+    }
+    text = f"{exp.scheme.preset} {label.get(m.name, m.name)}"
+    return text + " + vision tower" if exp.vision_quantized else text
+
+
+def headline(metrics: dict[str, float]) -> str:
+    """The run's main number as ``metric value ± stderr``: strict-match (gsm8k) or relaxed
+    accuracy (chartqa) where the task has it, else its first metric."""
+    names = [k for k in metrics if not k.endswith("/stderr")]
+    if not names:
+        return "no metrics"
+    main = next((k for k in names if k.endswith("/strict-match") or "/relaxed_accuracy/" in k), names[0])
+    stderr = metrics.get(f"{main}/stderr")
+    text = f"{main.split('/')[1]} {metrics[main]:.3f}"
+    return text + (f" ± {stderr:.3f}" if stderr is not None else "")
+
+
+def console_line(o: Outcome) -> str:
+    """One line a person reads: ``[done] tiny_llama W4A16 RTN  exact_match 0.676 ± 0.015  hf  1m12s``."""
+    parts = [f"[{o.status}] {o.label or o.name}", headline(o.metrics), o.backend or ""]
+    if o.seconds is not None:
+        parts.append(progress.duration(o.seconds))
+    return "  ".join(p for p in parts if p)
+
+
 def describe_backend(exp: Experiment) -> str:
     c = exp.serve_choice
     text = f"backend={c.backend}" + (f" ({c.reason})" if c.reason != "requested" else "")
@@ -301,11 +336,7 @@ def run_experiment(
             if rest:
                 print(rest, flush=True)
             continue
-        strict = {k: v for k, v in outcome.metrics.items() if "strict-match" in k or "relaxed" in k}
-        print(
-            f"[{outcome.status}] {outcome.name} key={outcome.key} {strict} {describe_backend(job)} "
-            f"mlflow_run={outcome.mlflow_run_id}",
-            flush=True,
-        )
+        outcome = replace(outcome, label=f"{job.model.name} {short_label(job)}", backend=job.serve.backend)
+        print(console_line(outcome), flush=True)
         outcomes.append(outcome)
     return outcomes

@@ -3,6 +3,10 @@ that names the key and what to set."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
@@ -53,18 +57,18 @@ def test_every_option_composes_and_validates(group, option):
         assert launcher.endswith(expected[option])
 
 
-@pytest.mark.parametrize("sweep", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")))
 def test_every_sweep_composes_and_validates(sweep):
     validate(compose_cfg([f"+sweep={sweep}"]))
     params = compose_cfg([f"+sweep={sweep}"], hydra=True).hydra.sweeper.params
-    assert params, f"sweeps/{sweep}.yaml sweeps nothing"
+    assert params, f"conf/sweep/{sweep}.yaml sweeps nothing"
     for key, values in params.items():  # each swept value composes and validates too
         for value in str(values).split(","):
             validate(compose_cfg([f"+sweep={sweep}", f"{key}={value}"]))
 
 
 def test_config_files_say_which_command_uses_them():
-    files = [*CONF.rglob("*.yaml"), *(ROOT / "sweeps").glob("*.yaml")]
+    files = [*CONF.rglob("*.yaml")]
     for path in files:
         lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("# @package")]
         assert lines[0].startswith(("# python run.py", "# python -m autoround_exp.")), path
@@ -257,3 +261,30 @@ def test_an_embedded_models_yaml_lists_the_in_features_of_its_linear_layers(mode
             if k.endswith(".weight") and len(f.get_slice(k).get_shape()) == 2 and "embed" not in k
         }
     assert sorted(widths) == sorted(cfg.linear_in_features)
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("+iter=50", "did you mean iters?"),
+        ("+method.itres=3", "did you mean method.iters?"),
+        ("+report.readme_scop=all", "did you mean report.readme_scope?"),
+    ],
+)
+def test_a_key_the_schema_does_not_know_is_refused_even_with_plus(override, hint):
+    key = override[1:].split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(f"{key} is not a config key")) as err:
+        validate(compose_cfg([override]), serve_env=False)
+    assert hint in str(err.value)
+
+
+def test_run_py_refuses_an_unknown_key_before_any_work(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "+iter=50", f"paths.results={tmp_path}/r", f"paths.work={tmp_path}/w"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "iter is not a config key" in proc.stderr and "did you mean iters?" in proc.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()

@@ -53,6 +53,37 @@ def test_submitit_local_runs_two_jobs_in_parallel_processes_into_one_store(tmp_p
     assert b[0] < a[1], f"the two jobs did not overlap: {a}, {b}"
 
 
+def test_two_sweeps_started_together_each_get_their_own_folder_and_parent_run(tmp_path):
+    """Two terminals, or a script, starting two sweeps in the same second: Hydra names the sweep
+    folder by the time to the second, so both once shared one and one MLflow parent run stayed
+    RUNNING with no jobs under it, for good."""
+    import mlflow
+
+    argv = [sys.executable, str(ROOT / "run.py"), "-m", "method=none", "serve=hf", "report.readme=null"]
+    procs = [
+        subprocess.Popen(
+            [*argv, f"eval.limit={n}", *paths_args(tmp_path)],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for n in (2, 3)
+    ]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    folders = list((tmp_path / "work" / "hydra" / "multirun").iterdir())
+    assert len(folders) == 2 and all(len(list((f / "jobs").glob("*.json"))) == 1 for f in folders)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("autoround-exp")
+    every = client.search_runs([exp.experiment_id])
+    parents = [r for r in every if "autoround_exp.sweep" in r.data.tags]
+    assert sorted(r.info.status for r in parents) == ["FINISHED", "FINISHED"]
+    for parent in parents:
+        children = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert len(children) == 1, parent.info.run_name
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     server, url = start_mlflow_server(tmp_path)

@@ -4,6 +4,7 @@ by stand-ins; the real chain runs in test_sweep_integration.py."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from autoround_exp import pipeline
@@ -119,3 +120,32 @@ def test_a_rerun_after_a_kill_closes_the_dead_mlflow_run_and_never_logs_a_key_tw
     (forced,) = pipeline.run_experiment(experiment(tmp_path, *args, "force=true"), "s3")
     assert forced.mlflow_run_id != out.mlflow_run_id
     assert client.get_run(out.mlflow_run_id).data.tags["superseded"]
+
+
+def test_each_finished_run_is_one_line_a_person_reads(tmp_path, calls, capsys):
+    """``[done] tiny_llama W4A16 RTN  exact_match 0.500 ± 0.050  hf  0s``: the config, its main
+    number rounded, the backend and the time; no raw dict, no 18-digit stderr, no repeated reason."""
+    pipeline.run_experiment(experiment(tmp_path, "scheme=w4a16", "iters=16", "serve=hf"), "s1")
+    pipeline.run_experiment(experiment(tmp_path, "scheme=w4a16", "iters=16", "serve=hf"), "s2")
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("[done]", "[reused]"))]
+    assert [re.sub(r"  \d+s$", "  Ns", ln) for ln in lines] == [
+        "[done] tiny_llama base (unquantized)  exact_match 0.500 ± 0.050  hf  Ns",
+        "[done] tiny_llama W4A16 RTN  exact_match 0.500 ± 0.050  hf  Ns",
+        "[done] tiny_llama W4A16 AutoRound iters=16  exact_match 0.500 ± 0.050  hf  Ns",
+        "[reused] tiny_llama base (unquantized)  exact_match 0.500 ± 0.050  hf",
+        "[reused] tiny_llama W4A16 RTN  exact_match 0.500 ± 0.050  hf",
+        "[reused] tiny_llama W4A16 AutoRound iters=16  exact_match 0.500 ± 0.050  hf",
+    ]
+
+
+def test_rtn_and_base_runs_log_no_autoround_iters(tmp_path, calls):
+    """The top-level ``iters`` (200 by default) is AutoRound's: an RTN or unquantized run's
+    resolved config, which MLflow logs as params, carries method.iters=0 and no other iters."""
+    from autoround_exp.tracking import flatten
+
+    exp = experiment(tmp_path, "iters=200")
+    base, rtn = pipeline.baselines_of(exp)
+    for job in (base, rtn, experiment(tmp_path, "method=rtn")):
+        params = flatten(job.resolved)
+        assert "iters" not in params and params["method.iters"] == "0", job.method.name
+    assert flatten(exp.resolved)["iters"] == "200" and flatten(exp.resolved)["method.iters"] == "200"

@@ -37,6 +37,8 @@ def chromium_stand_in():
     server = socket.create_server(("127.0.0.1", 0))
     seen: list[dict] = []
 
+    errors: list[BaseException] = []
+
     def serve():
         conn, _ = server.accept()
         head = b""
@@ -54,11 +56,20 @@ def chromium_stand_in():
         conn.sendall(_frame(json.dumps({"id": msg["id"], "error": {"message": "no such method"}}).encode()))
         conn.close()
 
-    thread = threading.Thread(target=serve, daemon=True)
+    def run():  # an assertion in this thread is carried to the test, which a thread's own would not fail
+        try:
+            serve()
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     yield f"ws://127.0.0.1:{server.getsockname()[1]}/devtools/page/1", seen
     thread.join(timeout=10)
     server.close()
+    assert not thread.is_alive(), "the stand-in never saw the client's second call"
+    if errors:
+        raise errors[0]
 
 
 def test_calls_are_answered_by_id_past_events_and_frames(chromium_stand_in):

@@ -18,6 +18,11 @@ PARENT_FILE = "mlflow_parent.json"  # in the sweep's folder: the parent run ever
 SWEEP_TAG = "autoround_exp.sweep"
 
 
+def sweep_run_name(sweep_id: str, overrides: list[str]) -> str:
+    """What the sweep varies first (MLflow's name column cuts the rest), then which sweep it is."""
+    return f"{' '.join(overrides)} (sweep {sweep_id})" if overrides else f"sweep {sweep_id}"
+
+
 def open_sweep(cfg: TrackingConfig, sweep_dir: Path, sweep_id: str, overrides: list[str]) -> str | None:
     """The parent run of a ``-m`` sweep, started as the sweep starts (its jobs nest under it;
     ``close_sweep`` ends it); its id in the sweep's folder for jobs in other processes. None,
@@ -30,7 +35,7 @@ def open_sweep(cfg: TrackingConfig, sweep_dir: Path, sweep_id: str, overrides: l
         exp_id = connect(mlflow, cfg)
         client = mlflow.MlflowClient()
         end_dead_sweeps(client, exp_id)
-        name = " ".join(["sweep", sweep_id, *overrides])
+        name = sweep_run_name(sweep_id, overrides)
         tags = {SWEEP_TAG: "true", "sweep_id": sweep_id, "overrides": " ".join(overrides)}
         tags["git_commit"] = git_commit() or "unknown"
         tags[OWNER_TAG] = owner()
