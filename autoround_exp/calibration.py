@@ -11,26 +11,10 @@ import hashlib
 import io
 import json
 import random
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from autoround_exp.config import CalibrationConfig, ConfigError
-
-
-@dataclass
-class CalibrationInfo:
-    source: str
-    text_column: str
-    nsamples: int
-    seqlen: int
-    mode: str
-    seed: int
-    texts_read: int
-    token_sha256: str  # hash of the exact token ids (and image bytes) that tuned the model
-    images: int = 0  # image+text calibration: one image per sample
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from autoround_exp.record import Calibration
 
 
 def is_local(source: str) -> bool:
@@ -121,7 +105,7 @@ def build(tokenizer, cfg: CalibrationConfig):
 
     samples, n_texts = token_ids(tokenizer, cfg)
     digest = hashlib.sha256(json.dumps(samples).encode()).hexdigest()
-    info = CalibrationInfo(
+    info = Calibration(
         source=cfg.source,
         text_column=cfg.text_column,
         nsamples=cfg.nsamples,
@@ -173,7 +157,7 @@ def build_image_text(processor, cfg: CalibrationConfig):
             f"{cfg.seqlen} tokens (image included), fewer than calibration.nsamples={cfg.nsamples}; "
             "lower calibration.seqlen or nsamples."
         )
-    info = CalibrationInfo(
+    info = Calibration(
         source=cfg.source,
         text_column="query+label",
         nsamples=cfg.nsamples,

@@ -287,6 +287,11 @@ class Experiment:
         return self.method.name != "none"
 
     @property
+    def tuned_by_autoround(self) -> bool:
+        """AutoRound (through llm-compressor or its own API): the runs that have iters."""
+        return self.method.name in AUTOROUND_METHODS
+
+    @property
     def vision_quantized(self) -> bool:
         """The recipe quantizes a vision tower too (model.quantize_vision, not upstream's recipe)."""
         return self.quantized and self.model.quantize_vision

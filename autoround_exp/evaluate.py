@@ -1,8 +1,10 @@
 """Evaluate stage: lm-eval in a child process that runs the serve environment's Python.
 
 Only paths and JSON cross the boundary: the parent writes the task YAML and the lm-eval
-command line, the child writes lm-eval's own results JSON and per-sample logs. The parent
-never imports vLLM or lm-eval. Backends (``serve.backend``, resolved by ``serve.choose``):
+command line, the child writes lm-eval's own results JSON and per-sample logs. This stage
+never imports vLLM or lm-eval in the harness's process (the log stage imports lm-eval's table
+renderer, and the report its utilities, both after the child has run). Backends
+(``serve.backend``, resolved by ``serve.choose``):
 
 - ``vllm``: lm-eval's ``vllm`` model (``vllm-vlm`` for vision-language models);
 - ``vllm_server``: ``vllm serve`` on 127.0.0.1, lm-eval's ``local-completions``
@@ -24,6 +26,7 @@ import yaml
 
 from autoround_exp import child, server
 from autoround_exp.config import Experiment, data_files
+from autoround_exp.record import Bos, Evaluation
 from autoround_exp.serve import probe
 
 LM_EVAL_MODEL = {
@@ -45,10 +48,31 @@ class EvalResult:
     device: str
     platform: dict  # what the serve environment reported: versions, device name
     kernels: list[str]  # the linear kernels vLLM reported choosing
-    bos: dict  # bos_check: add_bos_token, whether the chat template writes BOS, double-BOS warning
+    bos: Bos  # bos_check: add_bos_token, whether the chat template writes BOS, double-BOS warning
     seconds: float
     command: list[str]
     server_command: list[str] | None
+
+    def evaluation(self, exp: Experiment, task_versions: dict) -> Evaluation:
+        """What the record keeps of it, with the backend choice the door made."""
+        c = exp.serve_choice
+        return Evaluation(
+            task=exp.lm_eval_task,
+            backend=self.backend,
+            backend_requested=c.requested,
+            backend_reason=c.reason,
+            note=c.note,
+            lm_eval_model=self.lm_eval_model,
+            device=self.device,
+            platform=self.platform,
+            kernels=self.kernels,
+            bos=self.bos,
+            server_command=self.server_command,
+            seconds=self.seconds,
+            task_versions=task_versions,
+            results_json=self.results_path,
+            command=self.command,
+        )
 
 
 def stock_task_yaml(platform: dict, task_yaml: str) -> Path:
@@ -92,7 +116,7 @@ def _tokenizer_files(checkpoint: str) -> dict[str, str]:
     return found
 
 
-def bos_check(exp: Experiment, checkpoint: str) -> dict:
+def bos_check(exp: Experiment, checkpoint: str) -> Bos:
     """Whether this evaluation starts prompts with two BOS tokens (lm-eval issue #2676):
     lm-eval adds the tokenizer's BOS when add_bos_token is set, and a chat template that
     writes the BOS itself adds a second one."""
@@ -100,7 +124,7 @@ def bos_check(exp: Experiment, checkpoint: str) -> dict:
     files = _tokenizer_files(checkpoint)
     info = {"add_bos_token": ev.add_bos_token, "apply_chat_template": ev.apply_chat_template, "bos_token": None}
     if "tokenizer_config.json" not in files:
-        return {**info, "template_writes_bos": None, "double_bos": None, "warning": None}
+        return Bos(**info, template_writes_bos=None, double_bos=None, warning=None)
     tok = json.loads(files["tokenizer_config.json"])
     bos = tok.get("bos_token")
     bos = bos.get("content") if isinstance(bos, dict) else bos
@@ -114,7 +138,7 @@ def bos_check(exp: Experiment, checkpoint: str) -> dict:
         if double
         else None
     )
-    return {**info, "bos_token": bos, "template_writes_bos": writes_bos, "double_bos": double, "warning": warning}
+    return Bos(**{**info, "bos_token": bos}, template_writes_bos=writes_bos, double_bos=double, warning=warning)
 
 
 def device_of(exp: Experiment) -> str:
@@ -330,8 +354,8 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     platform = probe(exp.serve.python)
     bos = bos_check(exp, checkpoint)
-    if bos["warning"]:
-        print(f"WARNING: {bos['warning']}", flush=True)
+    if bos.warning:
+        print(f"WARNING: {bos.warning}", flush=True)
     task_dir = _tasks(exp, out_dir)
     lm_out = out_dir / "lm_eval"
     log_path = log_dir / "lm_eval.log"

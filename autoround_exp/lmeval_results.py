@@ -5,25 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class Metric:
-    task: str
-    metric: str  # exact_match
-    filter: str  # strict-match
-    value: float
-    stderr: float | None
-    version: str | None
-    n_shot: int | None
-    n_samples: int | None
-
-    @property
-    def mlflow_key(self) -> str:
-        """lm-eval's ``exact_match,strict-match`` has a comma, which MLflow rejects."""
-        return f"{self.task}/{self.metric}/{self.filter}"
+from autoround_exp.record import MetricRow
 
 
 def load(path: str | Path) -> dict:
@@ -37,7 +21,8 @@ def _float(x) -> float | None:
         return None
 
 
-def metrics(results: dict) -> list[Metric]:
+def metrics(results: dict) -> list[MetricRow]:
+    """One row per metric and filter of lm-eval's results JSON, as the record stores them."""
     rows = []
     for task, values in results["results"].items():
         for key, value in values.items():
@@ -48,7 +33,7 @@ def metrics(results: dict) -> list[Metric]:
                 continue
             n = results.get("n-samples", {}).get(task, {})
             rows.append(
-                Metric(
+                MetricRow(
                     task=task,
                     metric=metric,
                     filter=filt,
@@ -62,7 +47,7 @@ def metrics(results: dict) -> list[Metric]:
     return rows
 
 
-def mlflow_metrics(rows: list[Metric]) -> dict[str, float]:
+def mlflow_metrics(rows: list[MetricRow]) -> dict[str, float]:
     out = {}
     for r in rows:
         out[r.mlflow_key] = r.value

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from autoround_exp import child, server
 from autoround_exp.config import Experiment
-from autoround_exp.record import Perf, PerfSettings
+from autoround_exp.record import Perf, PerfMetric, PerfSettings
 from autoround_exp.serve import VLLM_BACKENDS
 
 LM_EVAL_MAX_GEN_TOKS = 256  # lm-eval's generation limit where the task sets none
@@ -147,13 +147,13 @@ def bench_argv(exp: Experiment, url: str, checkpoint: str, input_len: int, outpu
     return argv
 
 
-def summarize(results: list[dict]) -> dict[str, dict[str, float]]:
+def summarize(results: list[dict]) -> dict[str, PerfMetric]:
     """Median and spread (max - min) of each metric over the repeats."""
     out = {}
     for name, key in METRICS.items():
         values = [float(r[key]) for r in results if r.get(key) is not None]
         if values:
-            out[name] = {"median": statistics.median(values), "spread": max(values) - min(values)}
+            out[name] = PerfMetric(median=statistics.median(values), spread=max(values) - min(values))
     return out
 
 
@@ -199,9 +199,9 @@ def measure(exp: Experiment, checkpoint: str, samples_paths: list[str], out_dir:
         seconds=round(time.perf_counter() - t0, 1),
         results=[str(out_dir / f"bench_{i}.json") for i in range(len(results))],
     )
-    tps = perf.metrics.get("output_tokens_per_s", {})
+    tps = perf.metrics.get("output_tokens_per_s") or PerfMetric(median=0, spread=0)
     print(
-        f"[perf] {tps.get('median', 0):.1f} output tok/s (spread {tps.get('spread', 0):.1f}) over "
+        f"[perf] {tps.median:.1f} output tok/s (spread {tps.spread:.1f}) over "
         f"{exp.perf.repeats} x {exp.perf.num_prompts} requests of {input_len}+{output_len} tokens; "
         f"peak {perf.memory_kind} {perf.peak_memory_gb:.2f} GB",
         flush=True,

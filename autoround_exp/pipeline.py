@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from autoround_exp import lmeval_results, perf, progress, store
+from autoround_exp import lmeval_results, perf, progress, record, store
 from autoround_exp.config import AUTOROUND_METHODS, ConfigError, Experiment, MethodConfig
-from autoround_exp.evaluate import evaluate, prestart
+from autoround_exp.evaluate import EvalResult, evaluate, prestart
 from autoround_exp.fsutil import locked
 from autoround_exp.jobstatus import Outcome
-from autoround_exp.quantize import CALIBRATION_FILE, RESULT_FILE, QuantResult, quantize
+from autoround_exp.quantize import CALIBRATION_FILE, RESULT_FILE, quantize
 from autoround_exp.record import (
-    EvalSettings,
-    Evaluation,
     FailureRecord,
-    ModelRef,
     PerfSettings,
+    Quantization,
     RunRecord,
     Tracking,
     now,
@@ -72,111 +70,44 @@ def _run_one(
         return Outcome(name, key, "reused", found.metrics, found.mlflow_run_id, str(results.path_of(key)))
 
     print(f"[run] {name} key={key} {describe_backend(exp)}", flush=True)
+    tracking_ready = None
     if exp.tracking.enabled:  # MLflow's import and store set-up overlap the children's work
         from autoround_exp.tracking import prepare
 
         tracking_ready = prepare(exp.tracking)
     work = Path(exp.paths.work).resolve()
     logs = work / "logs" / key
-    quant: QuantResult | None = None
-    started_at, stages = now(), {}
-    t = time.perf_counter()
-    pre = None
+    started_at = now()
     try:
-        if exp.quantized:
-            ckpt = work / "checkpoints" / qkey / exp.checkpoint_name
-            if exp.force and (ckpt / "quantization.json").exists():
-                (ckpt / "quantization.json").unlink()
-            # lm-eval's interpreter and imports load while the checkpoint is made
-            pre = prestart(exp, str(ckpt), work / "evals" / key, logs)
-            with locked(work / "locks" / f"quant-{qkey}.lock"):  # one checkpoint per quant key
-                quant = quantize(exp, ckpt, logs / "quantize.log")
-            checkpoint = quant.checkpoint
-            stages["quantize"] = round(time.perf_counter() - t, 3)
-        else:
-            checkpoint = exp.model.path
-        t = time.perf_counter()
-        ev = evaluate(exp, checkpoint, work / "evals" / key, logs, pre=pre)
-        stages["evaluate"] = round(time.perf_counter() - t, 3)
-    except BaseException as err:
-        if pre is not None:  # nothing to evaluate: it goes without running
-            pre.cancel()
-        if not isinstance(err, Exception):
-            raise
-        if isinstance(err, ConfigError):
-            # the user's input, found late (calibration data). A single run stops with the message
-            # alone; in a sweep it is this job's failure, and the other jobs go on.
-            if not stop_on_config_error:
-                record_failure(exp, name, key, qkey, sweep_id, err, logs, started_at, parent_run_id)
-            raise
-        record_failure(exp, name, key, qkey, sweep_id, err, logs, started_at, parent_run_id)
+        quant, ev, stages = run_stages(exp, work, qkey, key, logs)
+    except Exception as err:
+        # a config error found late (calibration data) stops a single run with the message
+        # alone; in a sweep it is this job's failure, and the other jobs go on
+        if not (isinstance(err, ConfigError) and stop_on_config_error):
+            record_failure(exp, name, key, qkey, sweep_id, err, logs, started_at, parent_run_id)
         raise
 
     results_json = lmeval_results.load(ev.results_path)
     samples = lmeval_results.per_sample(ev.samples_paths)
     rows = lmeval_results.metrics(results_json)
-    artifacts = {
-        "lm_eval": [ev.results_path, *ev.samples_paths, *(str(p) for p in Path(ev.output_dir).glob("*command.txt"))],
-        "logs": [str(p) for p in logs.glob("*.log")],
-    }
-    if quant:
-        artifacts["checkpoint"] = [
-            str(Path(checkpoint) / f) for f in ("recipe.yaml", RESULT_FILE, "config.json", CALIBRATION_FILE)
-        ]
-    rec = RunRecord(
+    checkpoint = quant.checkpoint if quant else exp.model.path
+    rec = record.assemble(
+        exp,
         name=name,
         key=key,
         quant_key=qkey,
         sweep_id=sweep_id,
-        finished_at=now(),
         started_at=started_at,
         stages=stages,
-        model=ModelRef(
-            name=exp.model.name,
-            path=exp.model.path,
-            display_name=exp.model.display_name,
-            revision=None if Path(exp.model.path).expanduser().exists() else exp.model.revision,
-        ),
-        scheme=exp.scheme.name if exp.quantized else None,
-        scheme_preset=exp.scheme.preset if exp.quantized else None,
-        method=exp.method.name,
-        iters=exp.method.iters if exp.method.name in AUTOROUND_METHODS else None,
-        seed=exp.seed,
-        vision_quantized=exp.vision_quantized,
         checkpoint=checkpoint,
-        checkpoint_name=exp.checkpoint_name,
-        quantization=asdict(quant) if quant else None,
-        calibration=quant.calibration if quant else None,
-        eval=Evaluation(
-            task=exp.lm_eval_task,
-            backend=ev.backend,
-            backend_requested=exp.serve_choice.requested,
-            backend_reason=exp.serve_choice.reason,
-            note=exp.serve_choice.note,
-            lm_eval_model=ev.lm_eval_model,
-            device=ev.device,
-            platform=ev.platform,
-            kernels=ev.kernels,
-            bos=ev.bos,
-            server_command=ev.server_command,
-            seconds=ev.seconds,
-            task_versions=results_json.get("versions", {}),
-            results_json=ev.results_path,
-            command=ev.command,
-        ),
-        eval_settings=EvalSettings(
-            num_fewshot=exp.eval.num_fewshot,
-            limit=exp.eval.limit,
-            add_bos_token=exp.eval.add_bos_token,
-            apply_chat_template=exp.eval.apply_chat_template,
-        ),
+        quantization=quant,
+        evaluation=ev.evaluation(exp, results_json.get("versions", {})),
+        table=rows,
         metrics=lmeval_results.mlflow_metrics(rows),
-        table=[asdict(r) for r in rows],
         lm_eval=lmeval_results.summary(results_json),
         versions=store.versions(),
-        config=exp.resolved,
-        artifacts=artifacts,
-        tracking=Tracking(parent_run_id=parent_run_id),
+        artifacts=artifacts_of(ev, logs, quant),
+        parent_run_id=parent_run_id,
     )
     perf_error = None
     if exp.perf.enabled:
@@ -187,7 +118,7 @@ def _run_one(
             perf_error = err
         rec.stages = {**rec.stages, "perf": round(time.perf_counter() - t, 3)}
         rec.finished_at = now()
-    if exp.tracking.enabled:
+    if tracking_ready is not None:
         from autoround_exp.tracking import log_or_defer
 
         tracking_ready.join()
@@ -197,6 +128,45 @@ def _run_one(
         raise PerfFailed(f"serving benchmark: {perf_error} (the accuracy run is stored; a re-run measures it)")
     seconds = sum(v for v in rec.stages.values())
     return Outcome(name, key, "done", rec.metrics, rec.mlflow_run_id, str(path), seconds=seconds)
+
+
+def run_stages(
+    exp: Experiment, work: Path, qkey: str, key: str, logs: Path
+) -> tuple[Quantization | None, EvalResult, dict[str, float]]:
+    """Quantize (unless unquantized), then evaluate; the stages' results and wall seconds."""
+    quant, stages, pre = None, {}, None
+    t = time.perf_counter()
+    try:
+        if exp.quantized:
+            ckpt = work / "checkpoints" / qkey / exp.checkpoint_name
+            if exp.force and (ckpt / RESULT_FILE).exists():
+                (ckpt / RESULT_FILE).unlink()
+            # lm-eval's interpreter and imports load while the checkpoint is made
+            pre = prestart(exp, str(ckpt), work / "evals" / key, logs)
+            with locked(work / "locks" / f"quant-{qkey}.lock"):  # one checkpoint per quant key
+                quant = quantize(exp, ckpt, logs / "quantize.log")
+            stages["quantize"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        checkpoint = quant.checkpoint if quant else exp.model.path
+        ev = evaluate(exp, checkpoint, work / "evals" / key, logs, pre=pre)
+        stages["evaluate"] = round(time.perf_counter() - t, 3)
+    except BaseException:
+        if pre is not None:  # nothing to evaluate: it goes without running
+            pre.cancel()
+        raise
+    return quant, ev, stages
+
+
+def artifacts_of(ev: EvalResult, logs: Path, quant: Quantization | None) -> dict[str, list[str]]:
+    """What MLflow gets beside the record: lm-eval's outputs, the logs, the checkpoint's small files."""
+    out = {
+        "lm_eval": [ev.results_path, *ev.samples_paths, *(str(p) for p in Path(ev.output_dir).glob("*command.txt"))],
+        "logs": [str(p) for p in logs.glob("*.log")],
+    }
+    if quant:
+        files = ("recipe.yaml", RESULT_FILE, "config.json", CALIBRATION_FILE)
+        out["checkpoint"] = [str(Path(quant.checkpoint) / f) for f in files]
+    return out
 
 
 class PerfFailed(RuntimeError):

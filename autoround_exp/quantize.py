@@ -13,35 +13,21 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from autoround_exp import child, verify
 from autoround_exp.config import AUTOROUND_METHODS, ConfigError, Experiment, ignores
+from autoround_exp.record import Quantization
 
 RESULT_FILE = "quantization.json"
 ERROR_PREFIX = "autoround-exp: "
 CALIBRATION_FILE = "calibration_tokens.json"
 
 
-@dataclass
-class QuantResult:
-    checkpoint: str
-    oneshot_seconds: float  # calibration + tuning + compression, as upstream times it
-    total_seconds: float  # with model load and save
-    peak_memory_gb: float
-    memory_kind: str  # cuda_max_allocated | cpu_max_rss
-    device: str
-    size_mb: float
-    calibration: dict | None
-    recipe: str
-    # what verify found: layers quantized / left out, AutoRound's changed codes
-    verification: dict | None = None
-    deterministic: bool = False
-
-    @classmethod
-    def load(cls, checkpoint: Path) -> QuantResult:
-        return cls(**json.loads((checkpoint / RESULT_FILE).read_text()))
+def load_result(checkpoint: Path) -> Quantization:
+    """The checkpoint's quantization.json, as the stage's result (the record's own model)."""
+    return Quantization.model_validate_json((checkpoint / RESULT_FILE).read_text())
 
 
 def request(exp: Experiment, out_dir: Path) -> dict:
@@ -65,11 +51,11 @@ def request(exp: Experiment, out_dir: Path) -> dict:
     }
 
 
-def quantize(exp: Experiment, out_dir: Path, log_path: Path, timeout_s: float = 24 * 3600) -> QuantResult:
+def quantize(exp: Experiment, out_dir: Path, log_path: Path, timeout_s: float = 24 * 3600) -> Quantization:
     """Quantize in a child process; the checkpoint appears at ``out_dir`` only when complete."""
     if (out_dir / RESULT_FILE).is_file():
         print(f"[reuse] checkpoint {out_dir}", flush=True)
-        return QuantResult.load(out_dir)
+        return load_result(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     req_path = out_dir.parent / f"{out_dir.name}.request.json"
     req_path.write_text(json.dumps(request(exp, out_dir), indent=2))
@@ -85,7 +71,7 @@ def quantize(exp: Experiment, out_dir: Path, log_path: Path, timeout_s: float = 
         if e.returncode == EXIT_VERIFY and said:
             raise verify.VerificationError(f"{said}; log: {log_path}") from None
         raise
-    return QuantResult.load(out_dir)
+    return load_result(out_dir)
 
 
 def _said(log_path: Path) -> str | None:
@@ -253,7 +239,7 @@ def run_request(req: dict) -> dict:
             kwargs = {"data_collator": calibration.collate_one}
         else:
             ds, info = calibration.build(tokenizer, cfg)
-        calib_info = info.to_dict()
+        calib_info = info.model_dump()
         kwargs = {**kwargs, "dataset": ds, **oneshot_calibration_args(req)}
     cuda = torch.cuda.is_available()
     if cuda:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 2
+if TYPE_CHECKING:  # the validated config the record is assembled from (never imported at run time)
+    from autoround_exp.config import Experiment
+
+SCHEMA_VERSION = 3  # 3: calibration stored once (not also inside quantization)
 
 
 def now() -> str:
@@ -55,21 +58,50 @@ class Calibration(_Open):
     seed: int
     text_column: str | None = None
     texts_read: int | None = None
-    token_sha256: str | None = None
+    token_sha256: str | None = None  # hash of the exact token ids (and image bytes) that tuned the model
+    images: int = 0  # image+text calibration: one image per sample
+
+
+class ChangedCodes(_Open):
+    """The share of sampled weight codes AutoRound's tuning rounded unlike round-to-nearest."""
+
+    measured: bool
+    reason: str | None = None  # why not measured
+    fraction: float | None = None
+    codes: int | None = None
+    layers: int | None = None
+    reference: str | None = None
+
+
+class Verification(_Open):
+    """verify's findings on the saved checkpoint."""
+
+    linear_layers: int
+    quantized: int
+    left_out: list[str] = Field(default_factory=list)
+    scheme: str | None = None
+    weights: dict[str, Any] = Field(default_factory=dict)
+    format: str | None = None
+    checkpoint_ignore: list[str] | None = None
+    iters: int | None = None
+    changed_codes: ChangedCodes | None = None
 
 
 class Quantization(_Open):
+    """What the quantize stage made: the checkpoint and what it cost (the stage's own result)."""
+
     checkpoint: str
-    oneshot_seconds: float
-    total_seconds: float
+    oneshot_seconds: float  # calibration + tuning + compression, as upstream times it
+    total_seconds: float  # with model load and save
     peak_memory_gb: float
-    memory_kind: str
+    memory_kind: str  # cuda_max_allocated | cpu_max_rss
     device: str
     size_mb: float
-    calibration: Calibration | None = None
+    # the calibration used: in the checkpoint's quantization.json; the record keeps it once, as
+    # its top-level ``calibration``
+    calibration: Calibration | None = Field(default=None, exclude=True)
     recipe: str
-    # verify's findings: Linear layers quantized / left out, AutoRound's changed codes
-    verification: dict | None = None
+    verification: Verification | None = None
     deterministic: bool = False
 
 
@@ -85,6 +117,16 @@ class Platform(_Open):
     device_name: str | None = None
     compute_capability: Any = None
     cpu_isa: list[str] = Field(default_factory=list)
+
+
+class Bos(_Open):
+    """Whether prompts begin with one BOS token: lm-eval's add_bos_token and the chat template's."""
+
+    add_bos_token: bool | None = None
+    bos_token: str | None = None
+    template_writes_bos: bool | None = None
+    double_bos: bool | None = None
+    warning: str | None = None
 
 
 class EvalSettings(_Strict):
@@ -106,7 +148,7 @@ class Evaluation(_Open):
     device: str | None = None
     platform: Platform = Field(default_factory=Platform)
     kernels: list[str] = Field(default_factory=list)
-    bos: dict | None = None
+    bos: Bos | None = None
     server_command: list[str] | None = None
     seconds: float | None = None
     task_versions: dict[str, Any] = Field(default_factory=dict)
@@ -115,7 +157,7 @@ class Evaluation(_Open):
 
     @property
     def bos_warning(self) -> str | None:
-        return (self.bos or {}).get("warning")
+        return self.bos.warning if self.bos else None
 
 
 class MetricRow(_Strict):
@@ -134,6 +176,11 @@ class MetricRow(_Strict):
     def column(self) -> str:
         return f"{self.metric},{self.filter}"
 
+    @property
+    def mlflow_key(self) -> str:
+        """lm-eval's ``exact_match,strict-match`` has a comma, which MLflow rejects."""
+        return f"{self.task}/{self.metric}/{self.filter}"
+
 
 class PerfSettings(_Strict):
     """The serving benchmark's workload as asked (``perf.*``): with the run's key, its identity."""
@@ -151,6 +198,13 @@ class PerfSettings(_Strict):
         return cls(**{k: getattr(cfg, k) for k in cls.model_fields} | {"request_rate": str(cfg.request_rate)})
 
 
+class PerfMetric(_Strict):
+    """One serving metric over the benchmark's repeats."""
+
+    median: float
+    spread: float  # max - min
+
+
 class Perf(_Strict):
     """The serving cost of the run's checkpoint (``perf=throughput``), or why it was not measured.
     Each metric: median and spread (max - min) over the benchmark's repeats."""
@@ -161,7 +215,7 @@ class Perf(_Strict):
     input_len: int | None = None  # the workload as run
     output_len: int | None = None
     workload: str | None = None  # where the lengths came from
-    metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
+    metrics: dict[str, PerfMetric] = Field(default_factory=dict)
     peak_memory_gb: float | None = None
     memory_kind: str | None = None  # server_rss (CPU) | gpu_memory_used (CUDA)
     backend: str | None = None
@@ -170,7 +224,7 @@ class Perf(_Strict):
 
     def value(self, metric: str) -> float | None:
         m = self.metrics.get(metric)
-        return m["median"] if m else None
+        return m.median if m else None
 
 
 class Tracking(_Strict):
@@ -249,6 +303,65 @@ class FailureRecord(_Strict):
         return self.model_dump_json(indent=2) + "\n"
 
 
+def assemble(
+    exp: Experiment,
+    *,
+    name: str,
+    key: str,
+    quant_key: str,
+    sweep_id: str,
+    started_at: str,
+    stages: dict[str, float],
+    checkpoint: str,
+    quantization: Quantization | None,
+    evaluation: Evaluation,
+    table: list[MetricRow],
+    metrics: dict[str, float],
+    lm_eval: dict,
+    versions: dict[str, str | None],
+    artifacts: dict[str, list[str]],
+    parent_run_id: str | None,
+) -> RunRecord:
+    """The record of a finished job, from its validated config and what its stages produced."""
+    m = exp.model
+    local = Path(m.path).expanduser().exists()
+    ev = exp.eval
+    return RunRecord(
+        name=name,
+        key=key,
+        quant_key=quant_key,
+        sweep_id=sweep_id,
+        finished_at=now(),
+        started_at=started_at,
+        stages=stages,
+        model=ModelRef(name=m.name, path=m.path, display_name=m.display_name, revision=None if local else m.revision),
+        scheme=exp.scheme.name if exp.quantized else None,
+        scheme_preset=exp.scheme.preset if exp.quantized else None,
+        method=exp.method.name,
+        iters=exp.method.iters if exp.tuned_by_autoround else None,
+        seed=exp.seed,
+        vision_quantized=exp.vision_quantized,
+        checkpoint=checkpoint,
+        checkpoint_name=exp.checkpoint_name,
+        quantization=quantization,
+        calibration=quantization.calibration if quantization else None,
+        eval=evaluation,
+        eval_settings=EvalSettings(
+            num_fewshot=ev.num_fewshot,
+            limit=ev.limit,
+            add_bos_token=ev.add_bos_token,
+            apply_chat_template=ev.apply_chat_template,
+        ),
+        metrics=metrics,
+        table=table,
+        lm_eval=lm_eval,
+        versions=versions,
+        config=exp.resolved,
+        artifacts=artifacts,
+        tracking=Tracking(parent_run_id=parent_run_id),
+    )
+
+
 class RecordError(ValueError):
     """A stored record this version cannot read; the message says how to regenerate it."""
 
@@ -269,7 +382,12 @@ def migrate(data: dict) -> dict:
         data["eval_settings"] = {k: ev.get(k) for k in ("num_fewshot", "limit", "add_bos_token", "apply_chat_template")}
         run_id = data.pop("mlflow_run_id", None)
         data["tracking"] = {"status": "logged" if run_id else "disabled", "run_id": run_id}
-        data["schema_version"] = SCHEMA_VERSION
+        version = 2
+    if version == 2:
+        data = dict(data)
+        if data.get("quantization"):
+            data["quantization"] = {k: v for k, v in data["quantization"].items() if k != "calibration"}
+    data["schema_version"] = SCHEMA_VERSION
     return data
 
 

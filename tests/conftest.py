@@ -6,7 +6,7 @@ import pytest
 
 from autoround_exp import pipeline
 from autoround_exp.evaluate import EvalResult
-from autoround_exp.quantize import QuantResult
+from autoround_exp.record import Bos, Quantization
 from tests.support import compose_cfg, gpu_available
 
 
@@ -38,7 +38,16 @@ def calls(tmp_path, monkeypatch):
 
     def fake_quantize(exp, out_dir, log_path):
         seen.append(("quantize", exp.method.name))
-        return QuantResult(str(out_dir), 1.0, 2.0, 0.1, "cpu_max_rss", "cpu", 1.0, None, "recipe.yaml")
+        return Quantization(
+            checkpoint=str(out_dir),
+            oneshot_seconds=1.0,
+            total_seconds=2.0,
+            peak_memory_gb=0.1,
+            memory_kind="cpu_max_rss",
+            device="cpu",
+            size_mb=1.0,
+            recipe="recipe.yaml",
+        )
 
     def fake_evaluate(exp, checkpoint, out_dir, log_path, pre=None):
         seen.append(("evaluate", exp.method.name))
@@ -53,7 +62,7 @@ def calls(tmp_path, monkeypatch):
             "cpu",
             {"device_name": "cpu"},
             [],
-            {"add_bos_token": True, "double_bos": False, "warning": None},
+            Bos(add_bos_token=True, double_bos=False),
             1.0,
             ["lm_eval"],
             None,

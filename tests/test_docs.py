@@ -122,3 +122,15 @@ def test_link_checker_catches_a_broken_link(tmp_path):
     problems = broken_links(page)
     assert len(problems) == 2
     assert "missing.png" in problems[0] and "#nope" in problems[1]
+
+
+GROUPS = ["sweep", "launcher", "model", "scheme", "method", "eval", "serve", "perf", "tracking"]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_configuration_doc_names_every_option_of_each_group(group):
+    """docs/configuration.md's tables name every file of a config group (a preset or launcher
+    added without its row is caught)."""
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [p.stem for p in sorted((ROOT / "conf" / group).glob("*.yaml")) if f"`{p.stem}`" not in doc]
+    assert missing == [], f"docs/configuration.md does not name {group} option(s) {missing}"

@@ -57,9 +57,9 @@ def test_median_and_spread_over_repeats():
         {"output_throughput": 90.0, "request_throughput": 1.5, "p50_ttft_ms": 20.0},
     ]
     s = perf.summarize(runs)
-    assert s["output_tokens_per_s"] == {"median": 100.0, "spread": 30.0}
-    assert s["requests_per_s"] == {"median": 2.0, "spread": 1.0}
-    assert s["ttft_p50_ms"] == {"median": 20.0, "spread": 20.0}
+    assert s["output_tokens_per_s"].model_dump() == {"median": 100.0, "spread": 30.0}
+    assert s["requests_per_s"].model_dump() == {"median": 2.0, "spread": 1.0}
+    assert s["ttft_p50_ms"].model_dump() == {"median": 20.0, "spread": 20.0}
     assert "tpot_p99_ms" not in s  # not reported: not invented
 
 

@@ -239,17 +239,17 @@ LLAMA3_TEMPLATE = "{{- bos_token }}{% for m in messages %}<|start_header_id|>{{ 
 def test_double_bos_is_detected_from_the_tokenizer_files(fake_platform, tmp_path, bos, template, overrides, double):
     exp = validate(compose_cfg(["method=none", *overrides]))
     info = evaluate.bos_check(exp, str(write_tokenizer(tmp_path / "ckpt", bos, template)))
-    assert info["double_bos"] is double
-    assert (info["warning"] is not None) is double
+    assert info.double_bos is double
+    assert (info.warning is not None) is double
     if double:
-        assert "eval.add_bos_token=false" in info["warning"] and "#2676" in info["warning"]
+        assert "eval.add_bos_token=false" in info.warning and "#2676" in info.warning
 
 
 def test_bos_check_on_a_hub_model_not_in_the_cache_says_unknown(fake_platform, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     exp = validate(compose_cfg(["method=none", "eval.apply_chat_template=true"]))
     info = evaluate.bos_check(exp, "meta-llama/Llama-3.1-8B-Instruct")
-    assert info["double_bos"] is None and info["warning"] is None
+    assert info.double_bos is None and info.warning is None
 
 
 def test_hf_multimodal_on_cpu_scores_one_chart_at_a_time(fake_platform):

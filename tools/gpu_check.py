@@ -412,8 +412,8 @@ def _fmt(value: float | None) -> str:
 
 
 def verification_check(name: str, rec, iters: int | None, ignored: str) -> list[Check]:
-    v = rec.quantization.verification or {}
-    total, done, left = v.get("linear_layers"), v.get("quantized"), v.get("left_out")
+    v = rec.quantization.verification
+    total, done, left = (v.linear_layers, v.quantized, v.left_out) if v else (None, None, None)
     layers_ok = total is not None and done == total - 1 and left == [ignored]
     checks = [
         Check(
@@ -424,8 +424,8 @@ def verification_check(name: str, rec, iters: int | None, ignored: str) -> list[
         )
     ]
     if iters:
-        codes = v.get("changed_codes") or {}
-        fraction = codes.get("fraction") if codes.get("measured") else None
+        codes = v.changed_codes if v else None
+        fraction = codes.fraction if codes and codes.measured else None
         checks.append(
             Check(f"{name}: changed codes vs RTN", "> 0", _fmt(fraction), fraction is not None and fraction > 0)
         )

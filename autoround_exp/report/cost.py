@@ -52,7 +52,7 @@ def throughput_cell(section: Section, row: Row) -> str:
 
 def _m(p, name: str, digits: int = 1) -> str:
     m = p.metrics.get(name)
-    return f"{m['median']:.{digits}f} ± {m['spread'] / 2:.{digits}f}" if m else ""
+    return f"{m.median:.{digits}f} ± {m.spread / 2:.{digits}f}" if m else ""
 
 
 def table(section: Section) -> str | None:
@@ -109,7 +109,7 @@ def pareto_plot(section: Section, path: Path, write: bool = True) -> Path | None
     for row, p, (value, stderr, _) in points:
         method = row.first.record.method
         color = "black" if method == "none" else ("C0" if method in AUTOROUND_METHODS else "C1")
-        x, xerr = p.value(THROUGHPUT), p.metrics[THROUGHPUT]["spread"] / 2
+        x, xerr = p.value(THROUGHPUT), p.metrics[THROUGHPUT].spread / 2
         ax.errorbar([x], [value], xerr=[xerr], yerr=[stderr or 0], marker="o", capsize=3, color=color)
         ax.annotate(
             f"{row.first.short_label} ({row.first.config.backend})",

@@ -212,10 +212,10 @@ def comparison_frame(section: Section, thresholds: Thresholds, alpha: float) -> 
         q = rec.quantization
         out["Quant time"] = duration(q.oneshot_seconds) if q else ""
         out["Checkpoint"] = f"{q.size_mb:.1f} MB" if q else ""
-        v = (q.verification if q else None) or {}
-        out["Quantized layers"] = f"{v['quantized']}/{v['linear_layers']}" if v else ""
-        codes = v.get("changed_codes") or {}
-        out["Changed codes"] = f"{100 * codes['fraction']:.2f} %" if codes.get("measured") else ""
+        v = q.verification if q else None
+        out["Quantized layers"] = f"{v.quantized}/{v.linear_layers}" if v else ""
+        codes = v.changed_codes if v else None
+        out["Changed codes"] = f"{100 * codes.fraction:.2f} %" if codes and codes.measured else ""
         out["Backend"] = rec.eval.backend + (" ⚠" if rec.eval.note else "")
         out["Hardware"] = hardware(run)
         out["MLflow run"] = ", ".join(f"`{r.record.mlflow_run_id}`" for r in row.runs if r.record.mlflow_run_id)

@@ -81,9 +81,8 @@ def _tags(rec: RunRecord) -> dict[str, str]:
         tags["model_revision"] = rec.model.revision
     if ev.note:
         tags["eval_note"] = ev.note
-    bos = ev.bos or {}
-    tags["add_bos_token"] = str(bos.get("add_bos_token"))
-    tags["double_bos"] = str(bos.get("double_bos"))
+    tags["add_bos_token"] = str(ev.bos.add_bos_token if ev.bos else None)
+    tags["double_bos"] = str(ev.bos.double_bos if ev.bos else None)
     if ev.bos_warning:
         tags["eval_bos_warning"] = ev.bos_warning
     return tags
@@ -146,8 +145,8 @@ def perf_metrics(perf) -> dict[str, float]:
     """``perf/<metric>`` (median over the repeats) and ``perf/<metric>_spread``."""
     out = {}
     for name, m in perf.metrics.items():
-        out[f"perf/{name}"] = m["median"]
-        out[f"perf/{name}_spread"] = m["spread"]
+        out[f"perf/{name}"] = m.median
+        out[f"perf/{name}_spread"] = m.spread
     if perf.peak_memory_gb is not None:
         out[f"perf/peak_{perf.memory_kind}_gb"] = perf.peak_memory_gb
     return out
