@@ -4,7 +4,7 @@ Only paths and JSON cross the boundary: the parent writes the task YAML and the 
 command line, the child writes lm-eval's own results JSON and per-sample logs. This stage
 never imports vLLM or lm-eval in the harness's process (the log stage imports lm-eval's table
 renderer, and the report its utilities, both after the child has run). Backends
-(``serve.backend``, resolved by ``serve.choose``):
+(``serve.backend``, resolved by ``backend.choose``):
 
 - ``vllm``: lm-eval's ``vllm`` model (``vllm-vlm`` for vision-language models);
 - ``vllm_server``: ``vllm serve`` on 127.0.0.1, lm-eval's ``local-completions``
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import yaml
 
-from autoround_exp import child, server
+from autoround_exp import child, vllm_server
+from autoround_exp.backend import probe
 from autoround_exp.config import Experiment, data_files
 from autoround_exp.record import Bos, Evaluation
-from autoround_exp.serve import probe
 
 LM_EVAL_MODEL = {
     ("hf", "text"): "hf",
@@ -365,11 +365,11 @@ def evaluate(
     t0 = time.perf_counter()
     server_cmd = None
     if exp.serve.backend == "vllm_server":
-        port = server.free_port()
+        port = vllm_server.free_port()
         server_cmd = server_argv(exp, checkpoint, port)
         (out_dir / "server_command.txt").write_text(" ".join(server_cmd) + "\n")
         server_log = log_dir / "vllm_server.log"
-        with server.running(server_cmd, port, server_log, exp.serve.startup_timeout_s, env) as (base_url, _):
+        with vllm_server.running(server_cmd, port, server_log, exp.serve.startup_timeout_s, env) as (base_url, _):
             argv = lm_eval_argv(exp, checkpoint, lm_out, task_dir, base_url)
             (out_dir / "command.txt").write_text(command_text(argv, lm_env))
             child.run(argv, log_path, exp.eval.timeout_s, what, env=lm_env, stage=stage)

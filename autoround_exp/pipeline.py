@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from autoround_exp import lmeval_results, perf, progress, record, store
+from autoround_exp import lmeval_results, progress, record, serving_cost, store
 from autoround_exp.config import AUTOROUND_METHODS, ConfigError, Experiment, MethodConfig
 from autoround_exp.evaluate import EvalResult, evaluate, prestart
 from autoround_exp.fsutil import locked
@@ -113,7 +113,7 @@ def _run_one(
     if exp.perf.enabled:
         t = time.perf_counter()
         try:
-            rec.perf = perf.measure(exp, checkpoint, ev.samples_paths, work / "perf" / key, logs)
+            rec.perf = serving_cost.measure(exp, checkpoint, ev.samples_paths, work / "perf" / key, logs)
         except Exception as err:  # the accuracy result stands: stored without its serving cost
             perf_error = err
         rec.stages = {**rec.stages, "perf": round(time.perf_counter() - t, 3)}
@@ -185,7 +185,7 @@ def with_perf(exp: Experiment, rec: RunRecord, results: store.Store) -> RunRecor
     samples = [p for p in rec.artifacts.get("lm_eval", []) if Path(p).name.startswith("samples_")]
     t = time.perf_counter()
     try:
-        measured = perf.measure(exp, rec.checkpoint, samples, work / "perf" / rec.key, work / "logs" / rec.key)
+        measured = serving_cost.measure(exp, rec.checkpoint, samples, work / "perf" / rec.key, work / "logs" / rec.key)
     except Exception as err:
         raise PerfFailed(f"serving benchmark: {err}") from err
     stages = {**rec.stages, "perf": round(time.perf_counter() - t, 3)}

@@ -12,8 +12,8 @@ from dataclasses import replace
 from omegaconf import DictConfig
 
 from autoround_exp import config_checks
+from autoround_exp.backend import ServeEnvError, choose
 from autoround_exp.config import ConfigError, Experiment, redact_uri
-from autoround_exp.serve import ServeEnvError, choose
 from autoround_exp.store import IdentityError, pin_revision
 from autoround_exp.tracking import check_reachable
 

@@ -196,24 +196,13 @@ def _dir_size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
-def run_request(req: dict) -> dict:
-    import resource
-
+def load_model(m: dict):
+    """The model, its processor (a tokenizer for text models) and its tokenizer."""
     import torch
     import transformers
-    from llmcompressor import oneshot
 
-    from autoround_exp import calibration, vision_compat
-    from autoround_exp.config import CalibrationConfig
+    from autoround_exp import vision_compat
 
-    t0 = time.perf_counter()
-    torch.manual_seed(req["seed"])
-    deterministic = bool(req["method"].get("deterministic"))
-    if deterministic:
-        # the same inputs give the same bytes: deterministic kernels, or an error where none exists
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    m = req["model"]
     vlm = m["loader"] == "image_text_to_text"
     auto_model = transformers.AutoModelForImageTextToText if vlm else transformers.AutoModelForCausalLM
     load_processor = vision_compat.load_processor if vlm else transformers.AutoTokenizer.from_pretrained
@@ -223,6 +212,68 @@ def run_request(req: dict) -> dict:
     processor = load_processor(m["path"], revision=m["revision"], trust_remote_code=m["trust_remote_code"])
     # Text calibration for both, as upstream's Qwen3-VL example; image+text from a parquet.
     tokenizer = processor.tokenizer if vlm else processor
+    return model, processor, tokenizer
+
+
+def calibration_data(req: dict, processor, tokenizer) -> tuple[dict, dict | None]:
+    """oneshot's calibration arguments (fixed-length samples), and what the calibration was."""
+    from autoround_exp import calibration
+    from autoround_exp.config import CalibrationConfig
+
+    if req["calibration"] is None:
+        return {}, None
+    kwargs = {}
+    cfg = CalibrationConfig(**req["calibration"])
+    if calibration.is_image_text(cfg.source):
+        ds, info = calibration.build_image_text(processor, cfg)
+        kwargs = {"data_collator": calibration.collate_one}
+    else:
+        ds, info = calibration.build(tokenizer, cfg)
+    return {**kwargs, "dataset": ds, **oneshot_calibration_args(req)}, info.model_dump()
+
+
+def verify_checkpoint(req: dict, folder: Path, names: list[str], tuned: bool, codes: dict | None) -> dict:
+    """verify's findings on the saved checkpoint, said on the log; raises where it is not as asked."""
+    verification = verify.layers(folder, names, req["ignore"], req["scheme"]["preset"])
+    verification |= {"iters": req["method"]["iters"] if tuned else None, "changed_codes": codes}
+    verify.no_op(verification)
+    print(
+        f"[verify] {verification['quantized']}/{verification['linear_layers']} Linear layers quantized as "
+        f"{req['scheme']['preset']}; left out: {verification['left_out']}"
+        + (
+            f"; AutoRound changed {codes['fraction']:.2%} of sampled weight codes"
+            if codes and codes["measured"]
+            else ""
+        ),
+        flush=True,
+    )
+    return verification
+
+
+def peak_memory(cuda: bool) -> tuple[float, str, str]:
+    """The child's peak memory in GB, what kind it is, and the device."""
+    import resource
+
+    import torch
+
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**30, "cuda_max_allocated", torch.cuda.get_device_name()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_max_rss", "cpu"
+
+
+def run_request(req: dict) -> dict:
+
+    import torch
+    from llmcompressor import oneshot
+
+    t0 = time.perf_counter()
+    torch.manual_seed(req["seed"])
+    deterministic = bool(req["method"].get("deterministic"))
+    if deterministic:
+        # the same inputs give the same bytes: deterministic kernels, or an error where none exists
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    model, processor, tokenizer = load_model(req["model"])
     native = req["method"]["name"] == "autoround_native"
     modifier = None if native else build_modifier(req)
 
@@ -231,16 +282,7 @@ def run_request(req: dict) -> dict:
     targeted = [n for n in names if not ignores(n, req["ignore"])]
     originals = verify.sample_layers(model, targeted) if tuned and not native else {}
 
-    kwargs, calib_info = {}, None
-    if req["calibration"] is not None:
-        cfg = CalibrationConfig(**req["calibration"])
-        if calibration.is_image_text(cfg.source):
-            ds, info = calibration.build_image_text(processor, cfg)
-            kwargs = {"data_collator": calibration.collate_one}
-        else:
-            ds, info = calibration.build(tokenizer, cfg)
-        calib_info = info.model_dump()
-        kwargs = {**kwargs, "dataset": ds, **oneshot_calibration_args(req)}
+    kwargs, calib_info = calibration_data(req, processor, tokenizer)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -275,25 +317,9 @@ def run_request(req: dict) -> dict:
         recipe_path.write_text(recipe)
 
     # the checkpoint as asked, or no checkpoint: it keeps its .partial name if this fails
-    verification = verify.layers(tmp, names, req["ignore"], req["scheme"]["preset"])
-    verification |= {"iters": req["method"]["iters"] if tuned else None, "changed_codes": codes}
-    verify.no_op(verification)
-    print(
-        f"[verify] {verification['quantized']}/{verification['linear_layers']} Linear layers quantized as "
-        f"{req['scheme']['preset']}; left out: {verification['left_out']}"
-        + (
-            f"; AutoRound changed {codes['fraction']:.2%} of sampled weight codes"
-            if codes and codes["measured"]
-            else ""
-        ),
-        flush=True,
-    )
+    verification = verify_checkpoint(req, tmp, names, tuned, codes)
 
-    if cuda:
-        peak, kind = torch.cuda.max_memory_allocated() / 2**30, "cuda_max_allocated"
-        device = torch.cuda.get_device_name()
-    else:
-        peak, kind, device = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_max_rss", "cpu"
+    peak, kind, device = peak_memory(cuda)
     result = {
         "checkpoint": str(out),
         "oneshot_seconds": round(oneshot_seconds, 3),

@@ -1,6 +1,6 @@
 """The run record: what a finished (or failed) job stores, typed and versioned.
 
-Built in ``pipeline``, written and read only here; the store, MLflow logging, the report
+Assembled (``assemble``), written and read only here; the store, MLflow logging, the report
 and the notebook read its fields. Records of the first layout (no ``schema_version``, the
 experiment's facts only inside the resolved ``config``) are migrated when read.
 """

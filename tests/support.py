@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from autoround_exp import serve
+from autoround_exp import backend
 from autoround_exp.config import register_configs
 from autoround_exp.preflight import validate
 from autoround_exp.report import compact, runs, tables
-from autoround_exp.server import free_port
+from autoround_exp.vllm_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def committed_readme() -> str:
 # The real-vLLM tests: slow, and only where `make env` built the serve environment.
 VLLM_MARKS = [
     pytest.mark.slow,
-    pytest.mark.skipif(not serve.SERVE_VENV_PYTHON.is_file(), reason="no .venv-serve: run `make env`"),
+    pytest.mark.skipif(not backend.SERVE_VENV_PYTHON.is_file(), reason="no .venv-serve: run `make env`"),
 ]
 
 
@@ -209,11 +209,9 @@ def make_demo_store(tmp_path: Path) -> Path:
         native["checkpoint_name"] = "TinyLlama-Arith-W4A16-G128-AutoRound-native"
         add(native, smp)
     rtn, rtn_smp = by["tiny_llama-w4a16-rtn"]
-    for backend in ("vllm", "vllm_server"):
-        model = "vllm" if backend == "vllm" else "local-completions"
-        w8, smp = variant(
-            rtn, rtn_smp, f"w8a8{backend}", eval__backend=backend, eval__lm_eval_model=model, scheme="w8a8"
-        )
+    for scorer in ("vllm", "vllm_server"):
+        model = "vllm" if scorer == "vllm" else "local-completions"
+        w8, smp = variant(rtn, rtn_smp, f"w8a8{scorer}", eval__backend=scorer, eval__lm_eval_model=model, scheme="w8a8")
         w8["name"], w8["config"]["scheme"]["preset"] = "tiny_llama-w8a8-rtn", "W8A8"
         w8["checkpoint_name"] = "TinyLlama-Arith-W8A8-RTN"
         add(w8, smp)

@@ -25,7 +25,7 @@ def declared() -> set[str]:
 
 # Run by the serve environment's interpreter, by path (not the package's environment): they
 # import the standard library and what that environment's `make env` installs (vLLM).
-SERVE_ENV_FILES = {"autoround_exp/bench_serve.py": {"vllm"}}
+SERVE_ENV_FILES = {"autoround_exp/vllm_bench.py": {"vllm"}}
 
 
 def imported(files=None) -> dict[str, set[str]]:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from autoround_exp import evaluate, lm_eval_cli, serve
+from autoround_exp import backend, evaluate, lm_eval_cli
 from autoround_exp.preflight import validate
 from tests.support import compose_cfg
 
@@ -18,7 +18,7 @@ from tests.support import compose_cfg
 def task_dir(tmp_path):
     """The task folder the harness writes for the tiny Llama's gsm8k (stock YAML, own data)."""
     exp = validate(compose_cfg(["serve=hf"]))
-    evaluate.write_task(exp, tmp_path, evaluate.stock_task_yaml(serve.probe(exp.serve.python), exp.eval.task_yaml))
+    evaluate.write_task(exp, tmp_path, evaluate.stock_task_yaml(backend.probe(exp.serve.python), exp.eval.task_yaml))
     return tmp_path, exp.lm_eval_task
 
 

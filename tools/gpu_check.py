@@ -557,7 +557,7 @@ def record_checks(results: Path, exp: Expectations) -> list[Check]:
 
 
 def check(device: str, tmp: Path) -> list[Check]:
-    from autoround_exp import serve
+    from autoround_exp import backend
 
     started = time.perf_counter()
     variant = device
@@ -565,8 +565,8 @@ def check(device: str, tmp: Path) -> list[Check]:
     env = {**os.environ, TOKEN_VAR: token, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     quant = quant_env(str(QUANT_PYTHON) if QUANT_PYTHON.is_file() else sys.executable)
     try:
-        serve_info = serve.probe(str(serve.SERVE_VENV_PYTHON))
-    except serve.ServeEnvError as e:
+        serve_info = backend.probe(str(backend.SERVE_VENV_PYTHON))
+    except backend.ServeEnvError as e:
         serve_info = {"error": str(e).splitlines()[0]}
     checks = env_checks(variant, quant, serve_info)
     cc = serve_info.get("compute_capability") or quant.get("compute_capability")

@@ -26,7 +26,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from autoround_exp.server import free_port
+from autoround_exp.vllm_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SORT_METRIC = "gsm8k_arith/exact_match/strict-match"

@@ -1,7 +1,7 @@
 """``vllm bench serve`` repeated on one server, in one process: vLLM's own benchmark (its
 ``vllm.benchmarks.serve``, what the CLI runs), imported once instead of once per repeat.
 
-    python autoround_exp/bench_serve.py <repeats> <vllm bench serve arguments ...>
+    python autoround_exp/vllm_bench.py <repeats> <vllm bench serve arguments ...>
 
 Repeat ``i`` writes ``<--result-dir>/bench_<i>.json``, as ``--result-filename`` would. Each
 repeat is the CLI's full run, its warm-up requests included. Standard library and vLLM only: it
@@ -20,7 +20,7 @@ def main() -> None:
     parser = FlexibleArgumentParser(prog="vllm bench serve")
     add_cli_args(parser)
     for i in range(repeats):
-        print(f"[bench_serve] repeat {i + 1}/{repeats}", flush=True)
+        print(f"[vllm_bench] repeat {i + 1}/{repeats}", flush=True)
         args = parser.parse_args(argv)  # afresh: vLLM's main rewrites some of its arguments
         args.result_filename = f"bench_{i}.json"
         bench(args)

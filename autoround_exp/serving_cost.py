@@ -22,10 +22,10 @@ import threading
 import time
 from pathlib import Path
 
-from autoround_exp import child, server
+from autoround_exp import child, vllm_server
+from autoround_exp.backend import VLLM_BACKENDS
 from autoround_exp.config import Experiment
 from autoround_exp.record import Perf, PerfMetric, PerfSettings
-from autoround_exp.serve import VLLM_BACKENDS
 
 LM_EVAL_MAX_GEN_TOKS = 256  # lm-eval's generation limit where the task sets none
 # vllm bench serve's result keys, as the record names them
@@ -128,11 +128,11 @@ class _PeakMemory:
         self.peak_gb = max(self.peak_gb, self._sample())
 
 
-BENCH_SERVE = Path(__file__).with_name("bench_serve.py")
+BENCH_SERVE = Path(__file__).with_name("vllm_bench.py")
 
 
 def bench_argv(exp: Experiment, url: str, checkpoint: str, input_len: int, output_len: int, out_dir: Path) -> list[str]:
-    """``vllm bench serve`` run ``perf.repeats`` times in one process (bench_serve.py): the
+    """``vllm bench serve`` run ``perf.repeats`` times in one process (vllm_bench.py): the
     CLI's import of vLLM costs more than a repeat of the tiny model's workload."""
     p = exp.perf
     argv = [exp.serve.python, str(BENCH_SERVE), str(p.repeats), "--backend", "vllm"]
@@ -169,10 +169,10 @@ def measure(exp: Experiment, checkpoint: str, samples_paths: list[str], out_dir:
     input_len, output_len, source = workload(exp, checkpoint, samples_paths)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = child_env(exp)
-    port = server.free_port()
+    port = vllm_server.free_port()
     cuda = bool(exp.serve_choice.platform.get("cuda"))
     t0 = time.perf_counter()
-    with server.running(
+    with vllm_server.running(
         server_argv(exp, checkpoint, port), port, log_dir / "perf_server.log", exp.serve.startup_timeout_s, env
     ) as (url, pgid):
         base = url.removesuffix("/v1")
