@@ -331,3 +331,17 @@ if __name__ == "__main__":
         )
     GOLDEN.write_text(report.markdown)
     print(f"wrote {GOLDEN}; review `git diff {GOLDEN}`")
+
+
+def test_the_full_reports_rows_say_their_backend_next_to_their_config(tmp_path):
+    """A config scored by several backends has a row each: the backend is the second column,
+    not the twelfth, so "base (unquantized)" three times reads as three backends at a glance."""
+    from tests.support import make_demo_store, table_rows
+
+    results = make_demo_store(tmp_path)
+    loaded = runs.from_store(results)
+    report = render(loaded, tables.Thresholds(), 0.05, results / "plots", results, "test", write_plots=False)
+    rows = table_rows(report.markdown, "TinyLlama-Arith")
+    assert rows[0][:2] == ["Config", "Backend"]
+    bases = [r[1] for r in rows[2:] if r[0] == "base (unquantized)"]
+    assert sorted(bases) == ["hf", "vllm", "vllm_server"]

@@ -200,7 +200,8 @@ def comparison_frame(section: Section, thresholds: Thresholds, alpha: float) -> 
     for row in section.rows:
         run = row.first
         rec = run.record
-        out = {"Config": run.short_label}
+        # the backend beside the config: what tells two rows of one config apart
+        out = {"Config": run.short_label, "Backend": rec.eval.backend + (" ⚠" if rec.eval.note else "")}
         for col in cols:
             name = column_name(col)
             out[name] = value_cell(row, col)
@@ -216,7 +217,6 @@ def comparison_frame(section: Section, thresholds: Thresholds, alpha: float) -> 
         out["Quantized layers"] = f"{v.quantized}/{v.linear_layers}" if v else ""
         codes = v.changed_codes if v else None
         out["Changed codes"] = f"{100 * codes.fraction:.2f} %" if codes and codes.measured else ""
-        out["Backend"] = rec.eval.backend + (" ⚠" if rec.eval.note else "")
         out["Hardware"] = hardware(run)
         out["MLflow run"] = ", ".join(f"`{r.record.mlflow_run_id}`" for r in row.runs if r.record.mlflow_run_id)
         rows.append(out)
