@@ -246,9 +246,12 @@ class ExperimentConfig:
     gpus: list[int] | None = None
 
 
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+
+
 def register_configs() -> None:
-    """The schema (the sweep presets are the ``conf/sweep/`` group: ``+sweep=<name>``), and
-    the resolvers the configs use."""
+    """The schema, each ``sweeps/*.yaml`` preset as the config group ``sweep`` (``+sweep=<name>``),
+    and the resolvers the configs use."""
     from hydra.core.config_store import ConfigStore
 
     from autoround_exp.assets import register_resolver
@@ -259,7 +262,10 @@ def register_configs() -> None:
         # so two sweeps started in the same second (two terminals, a script) never share one.
         # Cached, and Hydra copies the cache to each job's config: every job sees one value.
         OmegaConf.register_new_resolver("autoround_exp.pid", lambda: str(os.getpid()), use_cache=True)
-    ConfigStore.instance().store(name="experiment_schema", node=ExperimentConfig)
+    cs = ConfigStore.instance()
+    cs.store(name="experiment_schema", node=ExperimentConfig)
+    for path in sorted(SWEEPS.glob("*.yaml")):
+        cs.store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_")
 
 
 @dataclass(frozen=True)

@@ -57,18 +57,18 @@ def test_every_option_composes_and_validates(group, option):
         assert launcher.endswith(expected[option])
 
 
-@pytest.mark.parametrize("sweep", sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")))
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")))
 def test_every_sweep_composes_and_validates(sweep):
     validate(compose_cfg([f"+sweep={sweep}"]))
     params = compose_cfg([f"+sweep={sweep}"], hydra=True).hydra.sweeper.params
-    assert params, f"conf/sweep/{sweep}.yaml sweeps nothing"
+    assert params, f"sweeps/{sweep}.yaml sweeps nothing"
     for key, values in params.items():  # each swept value composes and validates too
         for value in str(values).split(","):
             validate(compose_cfg([f"+sweep={sweep}", f"{key}={value}"]))
 
 
 def test_config_files_say_which_command_uses_them():
-    files = [*CONF.rglob("*.yaml")]
+    files = [*CONF.rglob("*.yaml"), *(ROOT / "sweeps").glob("*.yaml")]
     for path in files:
         lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("# @package")]
         assert lines[0].startswith(("# python run.py", "# python -m autoround_exp.")), path
