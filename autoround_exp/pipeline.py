@@ -242,16 +242,8 @@ def record_failure(
 
 def short_label(exp: Experiment) -> str:
     """The config as the report's rows name it: base (unquantized), W4A16 RTN, NVFP4 AutoRound iters=200."""
-    if not exp.quantized:
-        return "base (unquantized)"
-    m = exp.method
-    label = {
-        "rtn": "RTN",
-        "autoround": f"AutoRound iters={m.iters}",
-        "autoround_native": f"auto-round API iters={m.iters}",
-    }
-    text = f"{exp.scheme.preset} {label.get(m.name, m.name)}"
-    return text + " + vision tower" if exp.vision_quantized else text
+    iters = exp.method.iters if exp.tuned_by_autoround else None
+    return record.config_label(exp.scheme.preset, exp.method.name, iters, exp.vision_quantized)
 
 
 def headline(metrics: dict[str, float]) -> str:

@@ -303,6 +303,18 @@ class FailureRecord(_Strict):
         return self.model_dump_json(indent=2) + "\n"
 
 
+def config_label(scheme_preset: str | None, method: str, iters: int | None, vision_quantized: bool) -> str:
+    """A config as the tables' rows and the console name it: base (unquantized), W4A16 RTN,
+    NVFP4 AutoRound iters=200, ... + vision tower."""
+    names = {"rtn": "RTN", "autoround": "AutoRound", "autoround_native": "auto-round API"}
+    if method == "none":
+        return "base (unquantized)"
+    text = f"{scheme_preset} {names.get(method, method)}"
+    if method in ("autoround", "autoround_native"):
+        text += f" iters={iters}"
+    return text + " + vision tower" if vision_quantized else text
+
+
 def assemble(
     exp: Experiment,
     *,

@@ -85,21 +85,8 @@ class Run:
 
     @property
     def short_label(self) -> str:
-        label = self._short_label()
-        return label + " + vision tower" if self.record.vision_quantized else label
-
-    def _short_label(self) -> str:
         r = self.record
-        scheme = r.scheme_preset
-        if r.method == "none":
-            return "base (unquantized)"
-        if r.method == "rtn":
-            return f"{scheme} RTN"
-        if r.method == "autoround":
-            return f"{scheme} AutoRound iters={r.iters}"
-        if r.method == "autoround_native":
-            return f"{scheme} auto-round API iters={r.iters}"
-        return f"{scheme} {r.method}"
+        return record.config_label(r.scheme_preset, r.method, r.iters, r.vision_quantized)
 
     def sort_key(self) -> tuple:
         r = self.record
