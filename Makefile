@@ -53,8 +53,11 @@ demo: env
 	$(PY) run.py -m +sweep=demo_vllm
 	$(PY) run.py -m +sweep=demo_vlm
 
+# Two workers (pytest-xdist), a module on one worker: its fixtures' runs stay with its tests.
+# TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: env
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: env
 	$(PY) -m tools.overhead_bench

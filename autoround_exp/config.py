@@ -201,7 +201,10 @@ class TrackingConfig:
 @dataclass
 class PathsConfig:
     results: str = "results"  # small JSON per run; read by the report
-    work: str = "outputs"  # checkpoints and lm-eval outputs
+    work: str = "outputs"  # lm-eval outputs, logs, locks, Hydra's sweep folders
+    # one folder per quantization key: results stores, work folders and machines that share it
+    # (a cluster's scratch, a test session) quantize each config once
+    checkpoints: str = "${paths.work}/checkpoints"
 
 
 @dataclass

@@ -138,12 +138,14 @@ def run_stages(
     t = time.perf_counter()
     try:
         if exp.quantized:
-            ckpt = work / "checkpoints" / qkey / exp.checkpoint_name
+            checkpoints = Path(exp.paths.checkpoints).resolve()
+            ckpt = checkpoints / qkey / exp.checkpoint_name
             if exp.force and (ckpt / RESULT_FILE).exists():
                 (ckpt / RESULT_FILE).unlink()
             # lm-eval's interpreter and imports load while the checkpoint is made
             pre = prestart(exp, str(ckpt), work / "evals" / key, logs)
-            with locked(work / "locks" / f"quant-{qkey}.lock"):  # one checkpoint per quant key
+            # one checkpoint per quant key, whoever shares the folder
+            with locked(checkpoints / "locks" / f"quant-{qkey}.lock"):
                 quant = quantize(exp, ckpt, logs / "quantize.log")
             stages["quantize"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()

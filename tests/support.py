@@ -107,14 +107,24 @@ def lm_eval_by_hand(
     return lmeval_results.mlflow_metrics(lmeval_results.metrics(results))
 
 
-def paths_args(workdir: Path) -> list[str]:
-    """run.py overrides that keep a test's results, outputs and MLflow store in ``workdir``."""
-    return [
+# The test session's checkpoint folder (set by conftest.py's session fixture), shared by every
+# module and pytest-xdist worker: the harness's quantization key and lock make each config once.
+SHARED_CHECKPOINTS = "AUTOROUND_EXP_TEST_CHECKPOINTS"
+
+
+def paths_args(workdir: Path, share_checkpoints: bool = True) -> list[str]:
+    """run.py overrides that keep a test's results, outputs and MLflow store in ``workdir``;
+    its checkpoints in the session's shared folder, unless the test must see them made (a kill
+    mid-quantization, the quantize stage's progress)."""
+    args = [
         f"paths.results={workdir / 'results'}",
         f"paths.work={workdir / 'work'}",
         f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
         f"tracking.artifact_root={workdir / 'mlartifacts'}",
     ]
+    if share_checkpoints and os.environ.get(SHARED_CHECKPOINTS):
+        args.append(f"paths.checkpoints={os.environ[SHARED_CHECKPOINTS]}")
+    return args
 
 
 FIXTURE = Path(__file__).parent / "data" / "report" / "results"
@@ -320,19 +330,32 @@ def run_py(workdir: Path, *args: str, check: bool = True, timeout: int = 1800) -
     return proc
 
 
-def serve_processes() -> list[str]:
-    """Live processes of the serve environment: lm-eval, vllm serve, engine cores, workers."""
+def ctrl_c_reaches_python() -> None:
+    """preexec_fn of a process a test will Ctrl-C: SIGINT back to its default, so that Python
+    installs its KeyboardInterrupt handler as in a terminal. A shell's background job (a CI
+    runner's `make test &`) and pytest-xdist's workers have SIGINT ignored, and children inherit it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def serve_processes(workdir: Path) -> list[str]:
+    """Live processes of the serve environment (lm-eval, vllm serve, engine cores, workers)
+    that work in ``workdir``: started there by a test's run.py, whose children inherit its
+    folder. Scoped so that tests running beside each other (pytest -n) see only their own."""
+    workdir = Path(workdir).resolve()
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
+            cwd = Path(os.readlink(proc / "cwd"))
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             comm = (proc / "comm").read_text().strip()
             state = next(line for line in (proc / "status").read_text().splitlines() if line.startswith("State:"))
         except (OSError, StopIteration):
             continue
-        if "zombie" in state:
+        if "zombie" in state or not cwd.is_relative_to(workdir):
             continue
         # vLLM renames its helpers (VLLM::EngineCore, VLLM::Worker); the rest run .venv-serve's python.
         if ".venv-serve/bin/python" in cmdline or cmdline.startswith("VLLM") or comm.startswith("VLLM"):
@@ -340,9 +363,9 @@ def serve_processes() -> list[str]:
     return found
 
 
-def wait_no_serve_processes(timeout_s: float = 30) -> list[str]:
+def wait_no_serve_processes(workdir: Path, timeout_s: float = 30) -> list[str]:
     deadline = time.monotonic() + timeout_s
-    while (left := serve_processes()) and time.monotonic() < deadline:
+    while (left := serve_processes(workdir)) and time.monotonic() < deadline:
         time.sleep(1)
     return left
 

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 STRICT = "exact_match,strict-match"
 ITERS = 50
-LIMIT = 250
+LIMIT = 200
 COMMON = ["scheme=w4a16", "baselines=false", "serve=hf", f"eval.limit={LIMIT}", "report.readme=null"]
 COMMON += ["calibration.nsamples=32", "method.batch_size=4", "method.enable_torch_compile=false"]
 

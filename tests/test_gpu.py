@@ -26,4 +26,4 @@ def test_quantized_tiny_model_runs_in_vllm_on_gpu(tmp_path, scheme):
     else:
         assert ev["note"] is None
     assert rec["metrics"]["gsm8k_arith/exact_match/strict-match"] > 0.3
-    assert wait_no_serve_processes() == []
+    assert wait_no_serve_processes(tmp_path) == []

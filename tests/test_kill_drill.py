@@ -23,7 +23,8 @@ SWEEP = ["-m", "scheme=w4a16,w8a8", "method=rtn", "baselines=false", "serve=hf",
 
 
 def argv(workdir: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "run.py"), *SWEEP, *paths_args(workdir)]
+    # its own checkpoints: the drill kills the sweep mid-quantization too
+    return [sys.executable, str(ROOT / "run.py"), *SWEEP, *paths_args(workdir, share_checkpoints=False)]
 
 
 def run_to_end(workdir: Path) -> subprocess.CompletedProcess:

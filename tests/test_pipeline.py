@@ -149,3 +149,25 @@ def test_rtn_and_base_runs_log_no_autoround_iters(tmp_path, calls):
         params = flatten(job.resolved)
         assert "iters" not in params and params["method.iters"] == "0", job.method.name
     assert flatten(exp.resolved)["iters"] == "200" and flatten(exp.resolved)["method.iters"] == "200"
+
+
+def test_two_stores_that_share_paths_checkpoints_quantize_into_one_folder(tmp_path, monkeypatch, calls):
+    """paths.checkpoints (default <paths.work>/checkpoints) holds the checkpoint of each
+    quantization key: two results stores and work folders that share it name one folder."""
+    dirs = []
+    stand_in = pipeline.quantize  # the fixture's
+
+    def quantize(exp, out_dir, log_path):
+        dirs.append(out_dir)
+        return stand_in(exp, out_dir, log_path)
+
+    monkeypatch.setattr(pipeline, "quantize", quantize)
+    shared = tmp_path / "shared"
+    for store in ("a", "b"):
+        exp = experiment(tmp_path / store, "method=rtn", "baselines=false", f"paths.checkpoints={shared}")
+        pipeline.run_experiment(exp, store)
+    assert len(dirs) == 2 and dirs[0] == dirs[1] and dirs[0].parent.parent == shared.resolve()
+    assert (shared / "locks").is_dir()  # the quantization's lock beside the checkpoints it guards
+    exp = experiment(tmp_path / "c", "method=rtn", "baselines=false")
+    pipeline.run_experiment(exp, "c")
+    assert dirs[2].parent.parent == (tmp_path / "c" / "work" / "checkpoints").resolve()  # the default

@@ -17,7 +17,7 @@ import pytest
 from autoround_exp import child, progress
 from autoround_exp.jobstatus import write as record_job
 from autoround_exp.progress import ChildProgress, LogProgress
-from tests.support import ROOT, paths_args
+from tests.support import ROOT, ctrl_c_reaches_python, paths_args
 
 BAR = "█████▌    "
 
@@ -213,7 +213,14 @@ def test_ctrl_c_while_watching_still_ends_the_child(tmp_path):
         f" Path({str(tmp_path / 'c.log')!r}), 120, 'sleeper', stage='quantize')\n"
     )
     env = {**os.environ, progress.ENV: "0.2"}
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=ctrl_c_reaches_python,
+    )
     deadline = time.monotonic() + 60
     while not (tmp_path / "c.log").is_file() or not (tmp_path / "c.log").read_text().strip():
         assert proc.poll() is None and time.monotonic() < deadline
@@ -281,7 +288,9 @@ def run_on_pty(argv: list[str], cwd: Path, env: dict, timeout_s: float) -> tuple
 @pytest.mark.slow
 def test_sweep_on_a_tty_shows_job_stage_elapsed_and_child_progress(tmp_path):
     env = {**os.environ, progress.ENV: "2"}
-    argv = [sys.executable, str(ROOT / "run.py"), *SWEEP, *paths_args(tmp_path), "tracking.enabled=false"]
+    # its own checkpoints: the bar must show the quantize stage at work
+    argv = [sys.executable, str(ROOT / "run.py"), *SWEEP, *paths_args(tmp_path, share_checkpoints=False)]
+    argv += ["tracking.enabled=false"]
     rc, out = run_on_pty(argv, tmp_path, env, timeout_s=600)
     states = [s for s in re.split(r"[\r\n]", out) if s.startswith("job ")]
     assert "[progress]" not in out, out[-3000:]  # the bar, not the plain lines

