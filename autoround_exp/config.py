@@ -12,9 +12,25 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
-METHODS = ("autoround", "autoround_native", "rtn", "none")
+METHODS = ("autoround", "autoround_native", "gptq", "awq", "awq_gptq", "rtn", "none")
 # AutoRound through llm-compressor's AutoRoundModifier, and through auto-round's own API
 AUTOROUND_METHODS = ("autoround", "autoround_native")
+# llm-compressor's GPTQModifier; AWQModifier then QuantizationModifier (RTN of the smoothed
+# weights); AWQModifier then GPTQModifier (upstream's examples/awq/llama_gptq_example.py)
+CALIBRATED_METHODS = (*AUTOROUND_METHODS, "gptq", "awq", "awq_gptq")
+_AUTOROUND_KNOBS = ("iters", "batch_size", "lr", "enable_torch_compile", "disable_opt_rtn")
+_GPTQ_KNOBS = ("block_size", "dampening_frac", "actorder")
+_AWQ_KNOBS = ("duo_scaling", "n_grid")
+# What each method's result depends on among method.*: its identity, its MLflow params
+METHOD_KNOBS = {
+    "autoround": _AUTOROUND_KNOBS,
+    "autoround_native": _AUTOROUND_KNOBS,
+    "gptq": _GPTQ_KNOBS,
+    "awq": _AWQ_KNOBS,
+    "awq_gptq": _AWQ_KNOBS + _GPTQ_KNOBS,
+    "rtn": (),
+    "none": (),
+}
 BACKENDS = ("auto", "vllm", "vllm_server", "hf")
 LOADERS = ("causal_lm", "image_text_to_text")
 DEVICES = ("auto", "cpu", "cuda")
@@ -126,9 +142,22 @@ class MethodConfig:
     lr: float | None = None  # None: auto-round's default (1/iters)
     enable_torch_compile: bool | None = None  # None: on with CUDA, off on CPU
     disable_opt_rtn: bool = False
+    # GPTQModifier's (method=gptq, awq_gptq): columns per block, the Hessian's dampening as a
+    # fraction of its mean diagonal, activation ordering (static: columns by Hessian diagonal
+    # while quantizing, no reordering at inference; null: none)
+    block_size: int = 128
+    dampening_frac: float = 0.01
+    actorder: str | None = "static"
+    # AWQModifier's (method=awq, awq_gptq): scale search from activations and weights ("true"),
+    # activations only ("false"), or both ("both"); grid points per mapping
+    duo_scaling: str = "true"
+    n_grid: int = 20
     # torch.use_deterministic_algorithms (+ cuBLAS's fixed workspace) in the quantize child:
     # the same config gives the same checkpoint bytes, or fails where no deterministic kernel exists.
     deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        self.duo_scaling = str(self.duo_scaling).lower()  # method.duo_scaling=true arrives as "True"
 
 
 @dataclass
@@ -325,10 +354,18 @@ class Experiment:
         return replace(self, method=method, resolved=resolved, serve_choice=choice)
 
 
+def method_params(method: MethodConfig) -> dict[str, Any]:
+    """method.* as a run of ``method`` logs it: the fields every run has logged since the first
+    (AutoRound's, method.iters=0 for the others), and its own knobs of GPTQ and AWQ (an RTN run
+    that logged GPTQ's block_size would say it had one)."""
+    own = ("name", "label", "deterministic", *_AUTOROUND_KNOBS, *METHOD_KNOBS.get(method.name, ()))
+    return {k: v for k, v in vars(method).items() if k in own}
+
+
 def resolved_for(resolved: dict[str, Any], method: MethodConfig) -> dict[str, Any]:
     """The resolved config as a run of ``method`` logs it: the top-level ``iters`` only where the
     method tunes (an RTN or unquantized run that logged iters=200 beside method.iters=0 misled)."""
-    out = {**resolved, "method": vars(method).copy()}
+    out = {**resolved, "method": method_params(method)}
     if method.name not in AUTOROUND_METHODS:
         out.pop("iters", None)
     return out

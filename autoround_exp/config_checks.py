@@ -122,10 +122,51 @@ def check_method(typed: ExperimentConfig) -> None:
             raise ConfigError(f"method.batch_size={q.batch_size} is invalid; set an integer >= 1.")
         if q.lr is not None and q.lr <= 0:
             raise ConfigError(f"method.lr={q.lr} is invalid; set a positive number or null.")
+    if q.name in ("gptq", "awq_gptq"):
+        check_gptq(q)
+    if q.name in ("awq", "awq_gptq"):
+        check_awq(q, s)
     if q.name == "autoround_native" and m.modality == "vision-language":
         raise ConfigError(
             f"method=autoround_native runs text models only (model={m.name} is vision-language); "
             "use method=autoround, llm-compressor's AutoRoundModifier with upstream's Qwen3-VL recipe."
+        )
+
+
+# What AWQ's smoothing cannot serve, by scheme preset, and why
+AWQ_REFUSED = {
+    "W8A8": "W8A8 quantizes activations to int8, and AWQ's scale search scores the rounding of the "
+    "weights only; llm-compressor's W8A8 recipe smooths with SmoothQuantModifier, then GPTQ. "
+    "Use method=gptq or method=rtn for W8A8",
+}
+# AWQModifier's grid search needs at least this many points per duo_scaling mode
+AWQ_MIN_GRID = {"false": 2, "true": 3, "both": 4}
+
+
+def check_gptq(q: MethodConfig) -> None:
+    if q.block_size < 1:
+        raise ConfigError(f"method.block_size={q.block_size} is invalid; set GPTQ's columns per block, e.g. 128.")
+    if not 0 < q.dampening_frac < 1:
+        raise ConfigError(
+            f"method.dampening_frac={q.dampening_frac} is invalid; set a fraction in (0, 1) of the Hessian's "
+            "mean diagonal, e.g. 0.01."
+        )
+    if q.actorder not in (None, "static", "weight"):
+        raise ConfigError(
+            f"method.actorder={q.actorder} is not supported: compressed-tensors removed group and dynamic "
+            "activation ordering; set method.actorder=static (columns ordered while quantizing) or null."
+        )
+
+
+def check_awq(q: MethodConfig, s: SchemeConfig) -> None:
+    if s.preset in AWQ_REFUSED:
+        raise ConfigError(f"method={q.name} with scheme={s.name} is not supported: {AWQ_REFUSED[s.preset]}.")
+    duo = str(q.duo_scaling).lower()
+    choices("method.duo_scaling", duo, tuple(AWQ_MIN_GRID))
+    if q.n_grid < AWQ_MIN_GRID[duo]:
+        raise ConfigError(
+            f"method.n_grid={q.n_grid} is too small for method.duo_scaling={duo}; set {AWQ_MIN_GRID[duo]} "
+            "or more (AWQ's default is 20)."
         )
 
 

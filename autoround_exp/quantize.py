@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from autoround_exp import child, verify
-from autoround_exp.config import AUTOROUND_METHODS, ConfigError, Experiment, ignores
+from autoround_exp.config import AUTOROUND_METHODS, CALIBRATED_METHODS, ConfigError, Experiment, ignores
 from autoround_exp.record import Quantization
 
 RESULT_FILE = "quantization.json"
@@ -33,7 +33,7 @@ def load_result(checkpoint: Path) -> Quantization:
 def request(exp: Experiment, out_dir: Path) -> dict:
     """Everything the child needs, as plain JSON."""
     m, s, q = exp.model, exp.scheme, exp.method
-    use_calibration = q.name in AUTOROUND_METHODS or s.calibrate_rtn
+    use_calibration = q.name in CALIBRATED_METHODS or s.calibrate_rtn
     return {
         "model": {
             "path": m.path,
@@ -84,12 +84,34 @@ def _said(log_path: Path) -> str | None:
 
 
 def build_modifier(req: dict):
+    """The llm-compressor recipe of the method: one modifier, or AWQ's smoothing and then the
+    modifier that quantizes (llm-compressor's independent pipeline gives each its own pass, so
+    GPTQ's Hessians are gathered on the smoothed model)."""
     from llmcompressor.modifiers.autoround import AutoRoundModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     method, preset, ignore = req["method"], req["scheme"]["preset"], req["ignore"]
-    if method["name"] == "rtn":
+    name = method["name"]
+    if name == "rtn":
         return QuantizationModifier(targets="Linear", scheme=preset, ignore=ignore)
+    if name in ("gptq", "awq", "awq_gptq"):
+        from llmcompressor.modifiers.gptq import GPTQModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        gptq = GPTQModifier(
+            targets="Linear",
+            scheme=preset,
+            ignore=ignore,
+            block_size=method["block_size"],
+            dampening_frac=method["dampening_frac"],
+            actorder=method["actorder"],
+        )
+        if name == "gptq":
+            return gptq
+        duo = {"true": True, "false": False}.get(method["duo_scaling"], method["duo_scaling"])
+        awq = AWQModifier(duo_scaling=duo, n_grid=method["n_grid"])  # the model's own mappings
+        last = gptq if name == "awq_gptq" else QuantizationModifier(targets="Linear", scheme=preset, ignore=ignore)
+        return [awq, last]
     import torch
 
     compile_ = method["enable_torch_compile"]
@@ -102,6 +124,20 @@ def build_modifier(req: dict):
     if method["lr"] is not None:
         kwargs["lr"] = method["lr"]
     return AutoRoundModifier(targets="Linear", scheme=preset, ignore=ignore, **kwargs)
+
+
+def skip_pinning_without_accelerator() -> None:
+    """llm-compressor 0.14's AWQModifier pins its cached activations in host memory before each
+    grid search (for faster host-to-device copies); torch refuses to pin where there is no
+    accelerator, so AWQ fails on a CPU-only machine. With no device to copy to, pinning has no
+    purpose: skipped there, and said in the log."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.accelerator.is_available():
+        return
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+    print("[quantize] no accelerator: llm-compressor's AWQ cache is not pinned in host memory", flush=True)
 
 
 def print_autoround_blocks(model, ignore: list[str]) -> None:
@@ -235,13 +271,14 @@ def calibration_data(req: dict, processor, tokenizer) -> tuple[dict, dict | None
 def verify_checkpoint(req: dict, folder: Path, names: list[str], tuned: bool, codes: dict | None) -> dict:
     """verify's findings on the saved checkpoint, said on the log; raises where it is not as asked."""
     verification = verify.layers(folder, names, req["ignore"], req["scheme"]["preset"])
-    verification |= {"iters": req["method"]["iters"] if tuned else None, "changed_codes": codes}
+    iters = req["method"]["iters"] if tuned and req["method"]["name"] in AUTOROUND_METHODS else None
+    verification |= {"method": req["method"]["name"], "iters": iters, "changed_codes": codes}
     verify.no_op(verification)
     print(
         f"[verify] {verification['quantized']}/{verification['linear_layers']} Linear layers quantized as "
         f"{req['scheme']['preset']}; left out: {verification['left_out']}"
         + (
-            f"; AutoRound changed {codes['fraction']:.2%} of sampled weight codes"
+            f"; {req['method']['label']} changed {codes['fraction']:.2%} of sampled weight codes"
             if codes and codes["measured"]
             else ""
         ),
@@ -278,7 +315,9 @@ def run_request(req: dict) -> dict:
     modifier = None if native else build_modifier(req)
 
     names = verify.linear_names(model)
-    tuned = req["method"]["name"] in AUTOROUND_METHODS and req["method"]["iters"] > 0
+    # the methods that move weight codes off round-to-nearest: the share they moved is measured
+    name = req["method"]["name"]
+    tuned = (name in AUTOROUND_METHODS and req["method"]["iters"] > 0) or name in ("gptq", "awq", "awq_gptq")
     targeted = [n for n in names if not ignores(n, req["ignore"])]
     originals = verify.sample_layers(model, targeted) if tuned and not native else {}
 
@@ -300,11 +339,13 @@ def run_request(req: dict) -> dict:
     else:
         if req["method"]["name"] in AUTOROUND_METHODS:
             print_autoround_blocks(model, req["ignore"])
+        if req["method"]["name"] in ("awq", "awq_gptq"):
+            skip_pinning_without_accelerator()
         oneshot(model=model, processor=processor, recipe=modifier, **kwargs)
         oneshot_seconds = time.perf_counter() - t1
         codes = verify.changed_codes(model, originals) if tuned else None
         model.save_pretrained(tmp, save_compressed=True)
-        recipe = str(modifier)
+        recipe = "\n".join(map(str, modifier)) if isinstance(modifier, list) else str(modifier)
     processor.save_pretrained(tmp)
     if calib_info is not None:
         # the exact token sequences that tuned (or observed) the model; their SHA-256 is the

@@ -63,7 +63,8 @@ class Calibration(_Open):
 
 
 class ChangedCodes(_Open):
-    """The share of sampled weight codes AutoRound's tuning rounded unlike round-to-nearest."""
+    """The share of sampled weight codes the method (AutoRound's tuning, GPTQ's error
+    compensation, AWQ's smoothing) rounded unlike round-to-nearest of the original weights."""
 
     measured: bool
     reason: str | None = None  # why not measured
@@ -83,6 +84,7 @@ class Verification(_Open):
     weights: dict[str, Any] = Field(default_factory=dict)
     format: str | None = None
     checkpoint_ignore: list[str] | None = None
+    method: str | None = None  # whose codes changed_codes measured (autoround, gptq, awq, awq_gptq)
     iters: int | None = None
     changed_codes: ChangedCodes | None = None
 
@@ -306,7 +308,14 @@ class FailureRecord(_Strict):
 def config_label(scheme_preset: str | None, method: str, iters: int | None, vision_quantized: bool) -> str:
     """A config as the tables' rows and the console name it: base (unquantized), W4A16 RTN,
     NVFP4 AutoRound iters=200, ... + vision tower."""
-    names = {"rtn": "RTN", "autoround": "AutoRound", "autoround_native": "auto-round API"}
+    names = {
+        "rtn": "RTN",
+        "autoround": "AutoRound",
+        "autoround_native": "auto-round API",
+        "gptq": "GPTQ",
+        "awq": "AWQ",
+        "awq_gptq": "AWQ+GPTQ",
+    }
     if method == "none":
         return "base (unquantized)"
     text = f"{scheme_preset} {names.get(method, method)}"

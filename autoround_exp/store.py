@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from autoround_exp import record
-from autoround_exp.config import AUTOROUND_METHODS, Experiment, data_files
+from autoround_exp.config import AUTOROUND_METHODS, CALIBRATED_METHODS, METHOD_KNOBS, Experiment, data_files
 from autoround_exp.fsutil import DigestCache, digest, file_digest, write_atomic
 from autoround_exp.record import FailureRecord, RunRecord
 
@@ -117,11 +117,14 @@ def quant_identity(exp: Experiment) -> dict:
     if not exp.quantized:
         return ident
     ident |= {"scheme": exp.scheme.preset, "ignore": list(m.ignore), "versions": versions(QUANT_LIBS)}
+    knobs = {k: getattr(q, k) for k in METHOD_KNOBS[q.name]}
     if q.name in AUTOROUND_METHODS:
-        ident["autoround"] = {k: v for k, v in asdict(q).items() if k not in ("name", "label", "deterministic")}
+        ident["autoround"] = knobs  # under this name since the first keys: they stay as they were
+    elif knobs:
+        ident["knobs"] = knobs
     if q.deterministic:  # only when set: the keys of every earlier run stay as they were
         ident["deterministic"] = True
-    if q.name in AUTOROUND_METHODS or exp.scheme.calibrate_rtn:
+    if q.name in CALIBRATED_METHODS or exp.scheme.calibrate_rtn:
         ident["calibration"] = asdict(exp.calibration) | {"source": source_identity(exp.calibration.source, cache)}
         if exp.seed is not None:
             ident["seed"] = exp.seed  # torch's seed; calibration.seed already carries it

@@ -6,8 +6,9 @@ quantization, before the checkpoint gets its name.
   ``quantization_config`` carries the scheme's bits, type, group size and strategy) or named
   by the ignore list. Zero quantized layers, or a layer left out that the ignore list does not
   name (or one quantized that it does), fails the job naming the layers.
-- AutoRound's tuning (iters > 0): the fraction of weight codes that differ from
-  round-to-nearest of the original weights under the tuned scales, on a sample of layers.
+- AutoRound's tuning (iters > 0), GPTQ and AWQ: the fraction of weight codes that differ from
+  round-to-nearest of the original weights under the scales the method chose, on a sample of
+  layers (for AWQ this counts its smoothing of the weights as well as their rounding).
   0 means the checkpoint is round-to-nearest under an AutoRound label: the tuned rounding never
   reached the weights (llm-compressor has shipped such a silent no-op), or no iteration
   improved on the start in any block (too few iters); it fails the job.
@@ -142,14 +143,26 @@ def layers(folder: Path, names: list[str], ignore: list[str], preset: str) -> di
 
 
 def no_op(report: dict) -> None:
-    """A tuned run whose rounding changed nothing is refused."""
+    """A run of a method that should move codes off round-to-nearest, whose codes all stayed, is refused."""
     codes = report.get("changed_codes") or {}
-    if codes.get("measured") and codes["fraction"] == 0:
+    if not (codes.get("measured") and codes["fraction"] == 0):
+        return
+    method = report.get("method") or "autoround"
+    where = (
+        f"changed 0 of {codes['codes']} weight codes in {codes['layers']} sampled layers against "
+        "round-to-nearest under the same scales"
+    )
+    if method in ("gptq", "awq", "awq_gptq"):
+        name = {"gptq": "GPTQ", "awq": "AWQ", "awq_gptq": "AWQ+GPTQ"}[method]
         raise VerificationError(
-            f"checkpoint verification failed: AutoRound with iters={report['iters']} changed 0 of {codes['codes']} "
-            f"weight codes in {codes['layers']} sampled layers against round-to-nearest under the same scales: "
-            "the checkpoint is round-to-nearest under an AutoRound label. Either the tuning never reached "
-            "the weights (a silent no-op, llm-compressor #2855) or no iteration improved on the starting "
-            "point in any block (AutoRound keeps its best iteration; quantize.log then shows "
-            "'loss iter 0: ... -> iter 0: ...' per block): set more iters."
+            f"checkpoint verification failed: {name} {where}: the checkpoint is round-to-nearest under a "
+            f"{name} label. The modifier never reached the weights (its log in quantize.log says which layers "
+            "it calibrated; GPTQ falls back to round-to-nearest where a Hessian is singular)."
         )
+    raise VerificationError(
+        f"checkpoint verification failed: AutoRound with iters={report['iters']} {where}: "
+        "the checkpoint is round-to-nearest under an AutoRound label. Either the tuning never reached "
+        "the weights (a silent no-op, llm-compressor #2855) or no iteration improved on the starting "
+        "point in any block (AutoRound keeps its best iteration; quantize.log then shows "
+        "'loss iter 0: ... -> iter 0: ...' per block): set more iters."
+    )

@@ -11,8 +11,13 @@ from autoround_exp import record
 from autoround_exp.record import RunRecord
 from autoround_exp.store import Store
 
-METHOD_ORDER = {"none": 0, "rtn": 1, "autoround": 2, "autoround_native": 3}
+METHOD_ORDER = {"none": 0, "rtn": 1, "gptq": 2, "awq": 3, "awq_gptq": 4, "autoround": 5, "autoround_native": 6}
 BACKEND_ORDER = {"hf": 0, "vllm": 1, "vllm_server": 2}
+MODIFIERS = {
+    "gptq": "GPTQModifier",
+    "awq": "AWQModifier + QuantizationModifier",
+    "awq_gptq": "AWQModifier + GPTQModifier",
+}
 
 
 class RowConfig(NamedTuple):
@@ -81,6 +86,8 @@ class Run:
             return f"{r.checkpoint_name} (AutoRoundModifier, iters={r.iters})"
         if r.method == "autoround_native":
             return f"{r.checkpoint_name} (auto-round's AutoRound API, iters={r.iters})"
+        if r.method in MODIFIERS:
+            return f"{r.checkpoint_name} ({MODIFIERS[r.method]})"
         return f"{r.checkpoint_name} ({r.method})"
 
     @property

@@ -95,6 +95,18 @@ def comparisons(section: Section) -> list[tuple[str, Row, Row]]:
             out.append(("quantized vs base", base, row))
         if r.method != "rtn" and (rtn := rtn_of(section, row)) is not None:
             out.append(("vs RTN", rtn, row))
+    # GPTQ and AWQ against AutoRound (the modifier) at the section's largest iters, same scheme and backend
+    for row in section.rows:
+        c = row.first.config
+        if c.method in ("gptq", "awq", "awq_gptq"):
+            rivals = [
+                r
+                for r in section.rows
+                if r.first.config._replace(iters=None) == c._replace(method="autoround", iters=None)
+                and not r.first.config.vision_quantized
+            ]
+            if rivals:
+                out.append(("vs AutoRound", max(rivals, key=lambda r: r.first.config.iters or 0), row))
     for method in AUTOROUND_METHODS:
         tuned = [row for row in section.rows if row.first.record.method == method]
         for a, b in zip(tuned, tuned[1:], strict=False):
