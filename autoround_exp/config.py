@@ -17,7 +17,17 @@ METHODS = ("autoround", "autoround_native", "gptq", "awq", "awq_gptq", "rtn", "n
 AUTOROUND_METHODS = ("autoround", "autoround_native")
 # llm-compressor's GPTQModifier; AWQModifier then QuantizationModifier (RTN of the smoothed
 # weights); AWQModifier then GPTQModifier (upstream's examples/awq/llama_gptq_example.py)
-CALIBRATED_METHODS = (*AUTOROUND_METHODS, "gptq", "awq", "awq_gptq")
+MODIFIER_METHODS = ("gptq", "awq", "awq_gptq")
+CALIBRATED_METHODS = (*AUTOROUND_METHODS, *MODIFIER_METHODS)
+# How tables, the console and verification messages name each method
+METHOD_NAMES = {
+    "rtn": "RTN",
+    "autoround": "AutoRound",
+    "autoround_native": "auto-round API",
+    "gptq": "GPTQ",
+    "awq": "AWQ",
+    "awq_gptq": "AWQ+GPTQ",
+}
 _AUTOROUND_KNOBS = ("iters", "batch_size", "lr", "enable_torch_compile", "disable_opt_rtn")
 _GPTQ_KNOBS = ("block_size", "dampening_frac", "actorder")
 _AWQ_KNOBS = ("duo_scaling", "n_grid")

@@ -161,7 +161,7 @@ def check_gptq(q: MethodConfig) -> None:
 def check_awq(q: MethodConfig, s: SchemeConfig) -> None:
     if s.preset in AWQ_REFUSED:
         raise ConfigError(f"method={q.name} with scheme={s.name} is not supported: {AWQ_REFUSED[s.preset]}.")
-    duo = str(q.duo_scaling).lower()
+    duo = q.duo_scaling  # lower case: MethodConfig makes it so
     choices("method.duo_scaling", duo, tuple(AWQ_MIN_GRID))
     if q.n_grid < AWQ_MIN_GRID[duo]:
         raise ConfigError(

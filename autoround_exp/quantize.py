@@ -17,7 +17,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from autoround_exp import child, verify
-from autoround_exp.config import AUTOROUND_METHODS, CALIBRATED_METHODS, ConfigError, Experiment, ignores
+from autoround_exp.config import (
+    AUTOROUND_METHODS,
+    CALIBRATED_METHODS,
+    MODIFIER_METHODS,
+    ConfigError,
+    Experiment,
+    ignores,
+)
 from autoround_exp.record import Quantization
 
 RESULT_FILE = "quantization.json"
@@ -94,7 +101,7 @@ def build_modifier(req: dict):
     name = method["name"]
     if name == "rtn":
         return QuantizationModifier(targets="Linear", scheme=preset, ignore=ignore)
-    if name in ("gptq", "awq", "awq_gptq"):
+    if name in MODIFIER_METHODS:
         from llmcompressor.modifiers.gptq import GPTQModifier
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
@@ -317,7 +324,7 @@ def run_request(req: dict) -> dict:
     names = verify.linear_names(model)
     # the methods that move weight codes off round-to-nearest: the share they moved is measured
     name = req["method"]["name"]
-    tuned = (name in AUTOROUND_METHODS and req["method"]["iters"] > 0) or name in ("gptq", "awq", "awq_gptq")
+    tuned = (name in AUTOROUND_METHODS and req["method"]["iters"] > 0) or name in MODIFIER_METHODS
     targeted = [n for n in names if not ignores(n, req["ignore"])]
     originals = verify.sample_layers(model, targeted) if tuned and not native else {}
 

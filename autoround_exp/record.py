@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from autoround_exp.config import METHOD_NAMES
+
 if TYPE_CHECKING:  # the validated config the record is assembled from (never imported at run time)
     from autoround_exp.config import Experiment
 
@@ -308,17 +310,9 @@ class FailureRecord(_Strict):
 def config_label(scheme_preset: str | None, method: str, iters: int | None, vision_quantized: bool) -> str:
     """A config as the tables' rows and the console name it: base (unquantized), W4A16 RTN,
     NVFP4 AutoRound iters=200, ... + vision tower."""
-    names = {
-        "rtn": "RTN",
-        "autoround": "AutoRound",
-        "autoround_native": "auto-round API",
-        "gptq": "GPTQ",
-        "awq": "AWQ",
-        "awq_gptq": "AWQ+GPTQ",
-    }
     if method == "none":
         return "base (unquantized)"
-    text = f"{scheme_preset} {names.get(method, method)}"
+    text = f"{scheme_preset} {METHOD_NAMES.get(method, method)}"
     if method in ("autoround", "autoround_native"):
         text += f" iters={iters}"
     return text + " + vision tower" if vision_quantized else text

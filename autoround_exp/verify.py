@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from autoround_exp.config import ignores
+from autoround_exp.config import METHOD_NAMES, MODIFIER_METHODS, ignores
 
 # Original weights kept for the changed-codes measure: at most this many elements (bf16: 2 bytes each).
 SAMPLE_ELEMENTS = 50_000_000
@@ -152,8 +152,8 @@ def no_op(report: dict) -> None:
         f"changed 0 of {codes['codes']} weight codes in {codes['layers']} sampled layers against "
         "round-to-nearest under the same scales"
     )
-    if method in ("gptq", "awq", "awq_gptq"):
-        name = {"gptq": "GPTQ", "awq": "AWQ", "awq_gptq": "AWQ+GPTQ"}[method]
+    if method in MODIFIER_METHODS:
+        name = METHOD_NAMES[method]
         raise VerificationError(
             f"checkpoint verification failed: {name} {where}: the checkpoint is round-to-nearest under a "
             f"{name} label. The modifier never reached the weights (its log in quantize.log says which layers "

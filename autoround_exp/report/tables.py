@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from autoround_exp.config import AUTOROUND_METHODS
+from autoround_exp.config import AUTOROUND_METHODS, MODIFIER_METHODS
 from autoround_exp.report import stats
 from autoround_exp.report.runs import Row, Run, Section
 
@@ -98,7 +98,7 @@ def comparisons(section: Section) -> list[tuple[str, Row, Row]]:
     # GPTQ and AWQ against AutoRound (the modifier) at the section's largest iters, same scheme and backend
     for row in section.rows:
         c = row.first.config
-        if c.method in ("gptq", "awq", "awq_gptq"):
+        if c.method in MODIFIER_METHODS:
             rivals = [
                 r
                 for r in section.rows
