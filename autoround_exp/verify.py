@@ -154,10 +154,13 @@ def no_op(report: dict) -> None:
     )
     if method in MODIFIER_METHODS:
         name = METHOD_NAMES[method]
+        awq = "; AWQ smooths nothing where its mappings match no layer of the model: see method.mappings"
         raise VerificationError(
             f"checkpoint verification failed: {name} {where}: the checkpoint is round-to-nearest under a "
             f"{name} label. The modifier never reached the weights (its log in quantize.log says which layers "
-            "it calibrated; GPTQ falls back to round-to-nearest where a Hessian is singular)."
+            "it calibrated; GPTQ falls back to round-to-nearest where a Hessian is singular"
+            + (awq if "awq" in method else "")
+            + ")."
         )
     raise VerificationError(
         f"checkpoint verification failed: AutoRound with iters={report['iters']} {where}: "

@@ -48,12 +48,14 @@ SLOWEST_FIRST = (
     "test_gpu_check.py",
     "test_sweep_integration.py",
     "test_autoround_paths.py",
-    "test_progress.py",
     "test_kill_drill.py",
     "test_serve_kill_drill.py",
-    "test_verification.py",
     "test_launchers_tracking.py",
+    "test_methods.py",
+    "test_verification.py",
     "test_tracking_outage.py",
+    "test_progress.py",
+    "test_tiny_builds.py",
     "test_failure_isolation.py",
 )
 

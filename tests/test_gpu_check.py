@@ -3,6 +3,7 @@ and (slow) the CPU variant for real on this machine."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, SHARED_CHECKPOINTS
 from tools import gpu_check
 from tools.gpu_check import Check, Facts, KernelRule, expectations, render
 
@@ -175,7 +176,7 @@ def test_a_helper_left_by_the_check_is_found_by_its_session_not_its_name(tmp_pat
 @pytest.mark.skipif(gpu_check.gpu_visible(), reason="the CPU variant runs where no GPU is visible")
 def test_cpu_variant_runs_the_real_chain_and_passes(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.gpu_check", "--work", str(tmp_path / "work")],
+        [sys.executable, "-m", "tools.gpu_check", "--work", str(tmp_path / "work"), *shared_checkpoints()],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -185,6 +186,17 @@ def test_cpu_variant_runs_the_real_chain_and_passes(tmp_path):
     assert proc.returncode == 0, out[-6000:] + proc.stderr[-3000:]
     assert "no GPU visible: CPU variant" in out
     assert table_rows(out) and all(row.endswith("PASS") for row in table_rows(out))
+    # the unquantized model in `vllm serve` (the check's vllm_server run): no quantized kernel named
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "work/results/runs").glob("*.json")]
+    (base,) = [r for r in recs if r["name"] == "tiny_llama-base" and r["eval"]["backend"] == "vllm_server"]
+    assert base["metrics"] and base["eval"]["kernels"] == []
+
+
+def shared_checkpoints() -> list[str]:
+    """The session's checkpoint folder (conftest.py): the check's tiny-model checkpoints that
+    other modules made are reused through their quantization key."""
+    folder = os.environ.get(SHARED_CHECKPOINTS)
+    return ["--checkpoints", folder] if folder else []
 
 
 def table_rows(out: str) -> list[str]:

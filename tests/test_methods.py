@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from autoround_exp import quantize, store, verify
-from autoround_exp.config import method_params
+from autoround_exp.config import ConfigError, method_params
 from autoround_exp.report import runs, tables
 from tests.support import experiment, make_demo_store, records, run_py, variant, write_run
 
@@ -36,6 +36,23 @@ def test_each_method_is_llm_compressors_own_recipe(tmp_path):
     assert experiment(tmp_path, "method=awq_gptq", "scheme=w4a16").checkpoint_name.endswith("-W4A16-G128-AWQ-GPTQ")
 
 
+MAPPINGS = 'method.mappings=[{smooth_layer:"re:.*input_layernorm$",balance_layers:["re:.*q_proj$","re:.*k_proj$"]}]'
+
+
+def test_awq_takes_mappings_given_as_config_and_refuses_malformed_ones(tmp_path):
+    awq, _ = modifier(tmp_path, "method=awq", "scheme=w4a16", MAPPINGS)
+    (m,) = awq.mappings
+    assert type(m).__name__ == "AWQMapping"
+    assert (m.smooth_layer, m.balance_layers) == ("re:.*input_layernorm$", ["re:.*q_proj$", "re:.*k_proj$"])
+    for bad, message in (
+        ("method.mappings=[]", "gives AWQ nothing to smooth"),
+        ('method.mappings=[{smooth_layer:"x"}]', r"method.mappings\[0\]=.* is invalid; each mapping is a smooth_layer"),
+        ('method.mappings=[{smooth_layer:"x",balance_layers:"y"}]', "is invalid"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            experiment(tmp_path, "method=awq", "scheme=w4a16", bad)
+
+
 def test_a_methods_key_and_params_hold_its_own_knobs_only(tmp_path):
     def qkey(*overrides):
         return store.keys(experiment(tmp_path, *overrides))[0]
@@ -47,6 +64,10 @@ def test_a_methods_key_and_params_hold_its_own_knobs_only(tmp_path):
     assert qkey("method=gptq") == qkey("method=gptq", "method.n_grid=5")
     assert qkey("method=awq") != qkey("method=awq", "method.n_grid=5") != qkey("method=awq_gptq")
     assert qkey("method=gptq") != qkey("method=gptq", "calibration.nsamples=8")  # calibrated
+    # AWQ's mappings: in the key only when set, so that the keys of earlier AWQ runs stay as they were
+    ident = store.quant_identity(experiment(tmp_path, "method=awq"))
+    assert set(ident["knobs"]) == {"duo_scaling", "n_grid"}
+    assert qkey("method=awq") != qkey("method=awq", MAPPINGS)
     # MLflow params: what every run logged before, and GPTQ's and AWQ's knobs on their runs only
     first = {"name", "label", "deterministic", "iters", "batch_size", "lr", "enable_torch_compile", "disable_opt_rtn"}
     assert set(method_params(experiment(tmp_path, "method=rtn").method)) == first
@@ -119,3 +140,20 @@ def test_a_methods_sweep_verifies_each_method_and_compares_them(tmp_path):
     for row in ("W4A16 GPTQ vs W4A16 AutoRound iters=16", "W4A16 AWQ vs W4A16 AutoRound iters=16"):
         assert row in report, report
     assert "| W4A16 GPTQ " in report and "| W4A16 AWQ " in report
+
+
+@pytest.mark.slow
+def test_an_awq_whose_mappings_reach_no_layer_fails_the_job_as_a_no_op(tmp_path):
+    """A planted no-op, for real: AWQ mappings that match none of the model's layers (as
+    llm-compressor's defaults can for an architecture they do not know) smooth nothing, and
+    the checkpoint is round-to-nearest under an AWQ label. The job fails before evaluation."""
+    nowhere = 'method.mappings=[{smooth_layer:"re:.*no_such_norm$",balance_layers:["re:.*no_such_proj$"]}]'
+    args = ["method=awq", "scheme=w4a16", "baselines=false", "serve=hf", "eval.limit=4", nowhere]
+    proc = run_py(tmp_path, *args, "calibration.nsamples=8", "calibration.seqlen=64", "method.n_grid=4", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "checkpoint verification failed: AWQ changed 0 of" in out and "method.mappings" in out
+    assert records(tmp_path) == {}
+    (failed,) = (tmp_path / "results" / "failed").glob("*.json")
+    assert "AWQ changed 0 of" in json.loads(failed.read_text())["error"]
+    assert not list((tmp_path / "work").rglob("lm_eval.log"))  # never evaluated

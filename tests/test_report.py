@@ -216,6 +216,58 @@ def test_seeds_aggregate_to_mean_and_std(tmp_path, loaded):
     assert cell == f"{np.mean(seeds):.4f} ± {np.std(seeds, ddof=1):.4f} (mean ± std, 3 seeds)"
 
 
+def seeded(run: runs.Run, seed: int, flip: list[int]) -> runs.Run:
+    """A copy of ``run`` as seed ``seed``, its 0/1 scores flipped on the documents at ``flip``."""
+    rec = run.record.model_copy(deep=True)
+    rec.seed = seed
+    samples = copy.deepcopy(run.samples)
+    col = samples["gsm8k_arith"][STRICT]
+    for i in flip:
+        col[i] = 1.0 - col[i]
+    return runs.Run(rec, samples)
+
+
+def test_the_paired_test_uses_every_seed_with_the_document_as_its_unit(loaded):
+    runs_ = by_name(loaded)
+    rtn, ar = runs_["tiny_llama-w4a16-rtn"], runs_["tiny_llama-w4a16-autoround-iters200"]
+    a = raw_scores(rtn)
+    lost = [i for i in range(len(a)) if raw_scores(ar)[i] == 1][:40]  # seeds 1 and 2 lose 40 documents
+    three = runs.Row([seeded(ar, 0, []), seeded(ar, 1, lost), seeded(ar, 2, lost)])
+    t = tables.compare(runs.Row([rtn]), three, STRICT, ALPHA)
+    b = np.mean([raw_scores(r) for r in three.runs], axis=0)  # each document's mean over the 3 seeds
+    assert t.n == len(a) == 1000  # documents, not documents x seeds
+    assert t.delta == pytest.approx(b.mean() - a.mean())
+    assert t.se == pytest.approx((b - a).std(ddof=1) / np.sqrt(len(a)))
+    assert t.test == "paired z on per-document means over 1 vs 3 seeds"
+    first_seed_only = tables.compare(runs.Row([rtn]), runs.Row([three.runs[0]]), STRICT, ALPHA)
+    assert first_seed_only.delta != pytest.approx(t.delta)  # the other seeds count
+    # seeds paired with seeds: both rows of three
+    assert tables.compare(three, three, STRICT, ALPHA).delta == 0
+
+
+def test_one_line_per_scheme_names_the_best_method_and_whether_the_next_is_told_apart(loaded):
+    (section,) = runs.sections(loaded)
+    lines = tables.best_method_lines(section, section.rows, ALPHA)
+    rows = {row.first.record.name: row for row in section.rows}
+    # W4A16: AutoRound iters=200 0.710 over RTN 0.675, p=0.00037 (McNemar)
+    t = tables.compare(rows["tiny_llama-w4a16-rtn"], rows["tiny_llama-w4a16-autoround-iters200"], STRICT, ALPHA)
+    assert (
+        t.p < ALPHA
+        and (
+            f"Best method for W4A16 on strict-match: W4A16 AutoRound iters=200 (0.7100); next W4A16 RTN (0.6750): "
+            f"distinguishable (Δ {tables.signed(t.delta)}, p={t.p:.2g}, McNemar exact)."
+        )
+        in lines
+    )
+    # NVFP4: RTN 0.635 over AutoRound at its best iters (0, 0.616): within noise
+    (nvfp4,) = [line for line in lines if line.startswith("Best method for NVFP4")]
+    assert "NVFP4 RTN (0.6350); next NVFP4 AutoRound iters=0 (0.6160): not distinguishable" in nvfp4
+    assert len(lines) == 2
+    # one method alone in a scheme: nothing to name
+    only_rtn = [r for r in section.rows if r.first.record.method in ("none", "rtn")]
+    assert tables.best_method_lines(section, only_rtn, ALPHA) == []
+
+
 def test_latest_run_of_a_config_replaces_an_older_one(tmp_path):
     results = tmp_path / "results"
     shutil.copytree(FIXTURE, results)

@@ -366,7 +366,7 @@ class Ran:
     log: Path
 
 
-def run_py(inv: Invocation, tmp: Path, env: dict, watch: ProcessWatch) -> Ran:
+def run_py(inv: Invocation, tmp: Path, env: dict, watch: ProcessWatch, checkpoints: Path | None = None) -> Ran:
     paths = (
         f"paths.results={tmp / 'results'}",
         f"paths.work={tmp / 'work'}",
@@ -374,6 +374,8 @@ def run_py(inv: Invocation, tmp: Path, env: dict, watch: ProcessWatch) -> Ran:
         f"tracking.artifact_root={tmp / 'mlartifacts'}",
         "report.readme=null",
     )
+    if checkpoints is not None:  # checkpoints made before under the same quantization key are reused
+        paths += (f"paths.checkpoints={checkpoints}",)
     python = str(QUANT_PYTHON) if QUANT_PYTHON.is_file() else sys.executable
     argv = [python, str(ROOT / "run.py"), *inv.args, *paths]
     log = tmp / "logs" / f"{inv.label.replace(' ', '-')}.log"
@@ -556,7 +558,7 @@ def record_checks(results: Path, exp: Expectations) -> list[Check]:
 # ---- main --------------------------------------------------------------------------------
 
 
-def check(device: str, tmp: Path) -> list[Check]:
+def check(device: str, tmp: Path, checkpoints: Path | None = None) -> list[Check]:
     from autoround_exp import backend
 
     started = time.perf_counter()
@@ -579,7 +581,7 @@ def check(device: str, tmp: Path) -> list[Check]:
     exp = expectations(facts)
     memory_before = gpu_memory_mib() if exp.gpu_memory else None
     with ProcessWatch(token, tmp) as watch:
-        ran = [run_py(inv, tmp, env, watch) for inv in invocations(exp)]
+        ran = [run_py(inv, tmp, env, watch, checkpoints) for inv in invocations(exp)]
     for r in ran:
         seen = "timed out" if r.returncode is None else f"exit {r.returncode}"
         checks.append(Check(f"run.py {r.inv.label}", "exit 0", f"{seen} in {r.seconds:.0f} s", r.returncode == 0))
@@ -620,6 +622,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--work", type=Path, help="work folder (new or empty; kept)")
+    ap.add_argument(
+        "--checkpoints",
+        type=Path,
+        help="checkpoint folder to share (paths.checkpoints): a checkpoint stored there under the same "
+        "quantization key is reused, not made again; by default the work folder's own",
+    )
     args = ap.parse_args(argv)
 
     device = args.device
@@ -639,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="gpu-check-")).resolve()
     print(f"[gpu-check] {device} variant; work folder {tmp}", flush=True)
 
-    checks = check(device, tmp)
+    checks = check(device, tmp, args.checkpoints.resolve() if args.checkpoints else None)
     print()
     print(render(checks))
     failed = [c for c in checks if not c.ok]

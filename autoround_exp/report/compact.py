@@ -133,6 +133,7 @@ class CompactSection:
     rows: list[Row]
     groups: list[ColumnGroup]
     below_threshold: list[str] = field(default_factory=list)
+    best_methods: list[str] = field(default_factory=list)  # tables.best_method_lines of the shown rows
 
     def cells(self) -> tuple[list[str], list[list[str]]]:
         """Headers and rows. Each metric's recovery and Δ vs RTN follow its value column (their
@@ -213,7 +214,7 @@ class CompactSection:
         return text + "."
 
     def notes(self) -> list[str]:
-        out = [g.note for g in self.groups if g.note]
+        out = [*self.best_methods, *(g.note for g in self.groups if g.note)]
         if len({r.first.config.backend for r in self.rows}) > 1:
             out.append("Recovery and Δ vs RTN compare runs scored by the same backend.")
         caveats = {r.first.record.eval.note for r in self.rows if r.first.record.eval.note}
@@ -234,7 +235,8 @@ def compact(
         for c in tables.columns(section)
         if tables.recovery_cell(section, r, c, thresholds)[1]
     ]
-    return CompactSection(section, rows, column_groups(section, rows, thresholds, alpha), below)
+    best = tables.best_method_lines(section, rows, alpha)
+    return CompactSection(section, rows, column_groups(section, rows, thresholds, alpha), below, best)
 
 
 def legend(thresholds: tables.Thresholds, alpha: float) -> str:

@@ -64,6 +64,7 @@ def render(
         table, below = tables.comparison_table(section, thresholds, alpha)
         report.below_threshold += below
         parts.append(table)
+        parts += tables.best_method_lines(section, section.rows, alpha)
         if (cost_table := cost.table(section)) is not None:
             parts.append(
                 "Serving cost (`vllm bench serve` against `vllm serve` of the checkpoint, whichever backend scored its "

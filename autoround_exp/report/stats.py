@@ -64,6 +64,32 @@ def align(a: dict, b: dict, column: str) -> tuple[list, list]:
     return xs, ys
 
 
+def doc_keys(samples: list[dict]) -> str:
+    """The field that identifies a document in every one of ``samples``: the hash of prompt and
+    target where all have it, else lm-eval's document hash."""
+    return "prompt_hash" if all("prompt_hash" in s for s in samples) else "doc_hash"
+
+
+def seed_means(samples: list[dict], column: str, field: str) -> dict[tuple, float]:
+    """Each document's score averaged over the runs (one per seed) that scored it."""
+    sums: dict[tuple, list[float]] = {}
+    for s in samples:
+        for doc, h, v in zip(s["doc_id"], s[field], s[column], strict=True):
+            if v is not None:
+                sums.setdefault((doc, h), []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+def align_seeds(a: list[dict], b: list[dict], column: str) -> tuple[list, list]:
+    """Two rows' per-document scores, each the mean over the row's seeds, on the documents both
+    rows scored. The document stays the unit of the paired test: a row of three seeds gives
+    one value per document (0, 1/3, 2/3 or 1), not three draws of it."""
+    field = doc_keys([*a, *b])
+    ma, mb = seed_means(a, column, field), seed_means(b, column, field)
+    keys = [k for k in ma if k in mb]
+    return [ma[k] for k in keys], [mb[k] for k in keys]
+
+
 @dataclass(frozen=True)
 class Aggregate:
     mean: float

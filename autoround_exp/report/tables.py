@@ -4,7 +4,7 @@ paired tests, and published numbers beside ours."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 
@@ -72,15 +72,29 @@ def rtn_of(section: Section, row: Row) -> Row | None:
     return next((r for r in section.rows if r.first.config == c._replace(method="rtn", iters=None)), None)
 
 
+def _samples(row: Row, column: str) -> list[dict] | None:
+    """Per-document scores of each of the row's runs (seeds); None if one of them has none."""
+    task = row.first.record.eval.task
+    out = [(r.samples or {}).get(task) for r in row.runs]
+    return out if all(s and column in s for s in out) else None
+
+
 def compare(a: Row, b: Row, column: str, alpha: float) -> stats.Paired | None:
-    """Paired test of b against a on the documents both scored (their first seeds)."""
-    ra, rb = a.first, b.first
-    task = ra.record.eval.task
-    sa, sb = (ra.samples or {}).get(task), (rb.samples or {}).get(task)
-    if not sa or not sb or column not in sa or column not in sb:
+    """Paired test of b against a on the documents both scored. With one run each, McNemar's
+    exact test for 0/1 scores; with several seeds on either side, every seed counts: each
+    document's score is its mean over the row's seeds, and the paired test runs on those."""
+    sa, sb = _samples(a, column), _samples(b, column)
+    if sa is None or sb is None:
         return None
-    xs, ys = stats.align(sa, sb, column)
-    return stats.paired(xs, ys, alpha) if len(xs) >= 2 else None
+    if len(sa) == len(sb) == 1:
+        xs, ys = stats.align(sa[0], sb[0], column)
+        return stats.paired(xs, ys, alpha) if len(xs) >= 2 else None
+    xs, ys = stats.align_seeds(sa, sb, column)
+    if len(xs) < 2:
+        return None
+    t = stats.paired(xs, ys, alpha)
+    seeds = f"{len(sa)} vs {len(sb)} seeds" if len(sa) != len(sb) else f"{len(sa)} seeds"
+    return replace(t, test=f"{t.test} on per-document means over {seeds}")
 
 
 def comparisons(section: Section) -> list[tuple[str, Row, Row]]:
@@ -204,6 +218,45 @@ def delta_cell(section: Section, row: Row, column: str, alpha: float, short: boo
     return f"{signed(mine - theirs, digits)} (no samples)"
 
 
+def best_method_lines(section: Section, rows: list[Row], alpha: float) -> list[str]:
+    """One line per scheme (and backend) where two or more methods ran: the best method on the
+    section's first metric (each method at its best iters) and whether it is told apart from
+    the next by the paired test (p < alpha), or not."""
+    column = columns(section)[0]
+    backends = {r.first.config.backend for r in rows}
+    groups: dict[tuple, dict[str, Row]] = {}
+    for row in rows:
+        c = row.first.config
+        if c.method == "none" or c.vision_quantized or mean(row, column) is None:
+            continue
+        best = groups.setdefault((c.scheme, c.backend), {})
+        if c.method not in best or mean(row, column) > mean(best[c.method], column):
+            best[c.method] = row
+    lines = []
+    for (_, backend), by_method in groups.items():
+        if len(by_method) < 2:
+            continue
+        first, second = sorted(by_method.values(), key=lambda r: mean(r, column), reverse=True)[:2]
+        scheme = first.first.record.scheme_preset
+        where = f" ({backend})" if len(backends) > 1 else ""
+        head = (
+            f"Best method for {scheme}{where} on {column_name(column)}: {first.first.short_label} "
+            f"({mean(first, column):.4f}); next {second.first.short_label} ({mean(second, column):.4f})"
+        )
+        t = compare(second, first, column, alpha)
+        if t is None:
+            lines.append(f"{head}: not tested (no per-document scores).")
+        elif t.within_noise:
+            lines.append(f"{head}: not distinguishable (p={t.p:.2g} ≥ {alpha:g}, {t.test}).")
+        else:
+            lines.append(f"{head}: distinguishable (Δ {signed(t.delta)}, p={t.p:.2g}, {t.test}).")
+    return lines
+
+
+# how the quantize stage measured its peak (record.Quantization.memory_kind)
+MEMORY_KINDS = {"cuda_max_allocated": "GPU", "cpu_max_rss": "RSS"}
+
+
 def comparison_frame(section: Section, thresholds: Thresholds, alpha: float) -> tuple[pd.DataFrame, list[str]]:
     """Rows = configs; per metric value ± stderr, recovery vs base, Δ vs RTN. Also returns
     the configs below their recovery threshold."""
@@ -224,6 +277,8 @@ def comparison_frame(section: Section, thresholds: Thresholds, alpha: float) -> 
             out[f"{name} Δ vs RTN"] = delta_cell(section, row, col, alpha)
         q = rec.quantization
         out["Quant time"] = duration(q.oneshot_seconds) if q else ""
+        memory = f"{q.peak_memory_gb:.2f} GB ({MEMORY_KINDS.get(q.memory_kind, q.memory_kind)})" if q else ""
+        out["Quant peak memory"] = memory
         out["Checkpoint"] = f"{q.size_mb:.1f} MB" if q else ""
         v = q.verification if q else None
         out["Quantized layers"] = f"{v.quantized}/{v.linear_layers}" if v else ""
