@@ -141,3 +141,23 @@ def test_a_recipe_that_quantizes_the_vision_tower_scores_clearly_below_upstreams
     rows = [ln for ln in table.splitlines() if ln.startswith("| NVFP4 RTN + vision tower vs NVFP4 RTN")]
     relaxed = [ln for ln in rows if "relaxed_accuracy" in ln]
     assert len(relaxed) == 1 and relaxed[0].rstrip(" |").endswith("worse"), table  # lower, p < 0.05
+
+
+def test_awq_smooths_the_language_model_with_llm_compressors_mappings_and_leaves_the_vision_tower(tmp_path):
+    """method=awq on Qwen3-VL: llm-compressor's mappings (no entry for the architecture: its
+    Llama-named defaults) reach the language model's layers and nothing of the vision tower."""
+    args = ["model=tiny_qwen3_vl", "eval=chartqa", "scheme=w4a16", "method=awq", "baselines=false"]
+    args += ["calibration.nsamples=16", "method.n_grid=4", "eval.limit=2", "eval.max_gen_toks=16"]
+    run(tmp_path, args)
+    (rec,) = records(tmp_path).values()
+    v = rec["quantization"]["verification"]
+    assert v["method"] == "awq" and v["changed_codes"]["measured"] and v["changed_codes"]["fraction"] > 0
+    assert v["left_out"] and all("visual" in name or "lm_head" in name for name in v["left_out"])
+    with safe_open(str(Path(rec["checkpoint"]) / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.visual.blocks.0.attn.qkv.weight" in keys  # 16-bit, as upstream's recipe leaves it
+    assert "model.language_model.layers.0.mlp.down_proj.weight_packed" in keys
+    # what docs/methods.md says of it: the default mappings, and v -> o skipped (grouped-query attention)
+    log = next((tmp_path / "work" / "logs").rglob("quantize.log")).read_text()
+    assert "Qwen3VLForConditionalGeneration not found in mappings. Using default mappings" in log
+    assert "mappings were skipped due to incompatible shapes" in log
