@@ -1,0 +1,173 @@
+"""How close a checkpoint's next-token distributions are to its base's, position by position
+(issue 30): KL(base ‖ quant), top-1 agreement, the RMS change of the base's top token's
+probability, and each model's perplexity, as llama.cpp's ``llama-perplexity --kl-divergence``
+reports them; each figure with a bootstrap interval over the text's chunks, and the paired
+difference of two checkpoints scored on the same positions.
+
+The base is stored once as its top-k log-probabilities per position (k = the vocabulary: exact)
+plus the log-probability of the text's next token. The mass outside the base's top k is one
+bucket on both sides, so the divergence computed with k < vocabulary is KL between the two
+distributions coarsened to k + 1 outcomes: never more than the exact value (the log-sum
+inequality), equal to it when the tails agree in shape. Plain numpy: the report reads these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# A probability below this is floored before its logarithm (a tail the quantized model left empty)
+FLOOR = 1e-12
+
+
+@dataclass(frozen=True)
+class BaseChunk:
+    """The base model on one chunk of text: its top-k per position, and the next token's log-prob."""
+
+    indices: np.ndarray  # [T, k] token ids, most probable first
+    logprobs: np.ndarray  # [T, k] natural-log probabilities
+    target_logprobs: np.ndarray  # [T] log-probability of the token that follows in the text
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[1])
+
+
+def base_chunk(logprobs: np.ndarray, targets: np.ndarray, k: int) -> BaseChunk:
+    """The base's full log-probabilities [T, V] of one chunk reduced to what is stored."""
+    lp = np.asarray(logprobs, dtype=np.float64)
+    k = min(k, lp.shape[1])
+    top = (
+        np.argpartition(-lp, k - 1, axis=1)[:, :k] if k < lp.shape[1] else np.tile(np.arange(lp.shape[1]), (len(lp), 1))
+    )
+    order = np.argsort(-np.take_along_axis(lp, top, axis=1), axis=1, kind="stable")
+    top = np.take_along_axis(top, order, axis=1)
+    rows = np.arange(len(lp))
+    return BaseChunk(top, np.take_along_axis(lp, top, axis=1), lp[rows, np.asarray(targets)])
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Per position of one chunk, a checkpoint against its base."""
+
+    kld: np.ndarray  # KL(base ‖ quant), nats
+    same_top: np.ndarray  # the two most probable tokens agree
+    dp_top: np.ndarray  # quant's minus base's probability of the base's most probable token
+    nll_base: np.ndarray  # -log p(next token), base
+    nll_quant: np.ndarray  # -log p(next token), checkpoint
+
+
+def _log1mexp_sum(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(tail mass, its log) of the probability left outside ``logprobs`` (summed over the last axis)."""
+    inside = np.exp(logprobs).sum(axis=-1)
+    tail = np.clip(1.0 - inside, 0.0, 1.0)
+    return tail, np.log(np.maximum(tail, FLOOR))
+
+
+def compare(base: BaseChunk, quant_logprobs: np.ndarray, targets: np.ndarray) -> Positions:
+    """The checkpoint's full log-probabilities [T, V] on the chunk against the stored base."""
+    q = np.asarray(quant_logprobs, dtype=np.float64)
+    lp_b = base.logprobs
+    lq = np.take_along_axis(q, base.indices, axis=1)  # the checkpoint on the base's top k
+    p_b = np.exp(lp_b)
+    kld = (p_b * (lp_b - lq)).sum(axis=1)
+    if base.k < q.shape[1]:  # the rest of the vocabulary as one bucket on both sides
+        tail_b, log_tail_b = _log1mexp_sum(lp_b)
+        _, log_tail_q = _log1mexp_sum(lq)
+        kld = kld + tail_b * (log_tail_b - log_tail_q)
+    rows = np.arange(len(q))
+    top_b = base.indices[:, 0]
+    return Positions(
+        kld=np.maximum(kld, 0.0),  # rounding can leave -1e-17 where the two agree
+        same_top=q.argmax(axis=1) == top_b,
+        dp_top=np.exp(q[rows, top_b]) - p_b[:, 0],
+        nll_base=-base.target_logprobs,
+        nll_quant=-q[rows, np.asarray(targets)],
+    )
+
+
+@dataclass(frozen=True)
+class Estimate:
+    value: float
+    low: float  # bootstrap interval over chunks
+    high: float
+
+
+SUMMARY = (
+    "kld_mean",
+    "kld_median",
+    "kld_p99",
+    "kld_max",
+    "same_top",
+    "rms_dp",
+    "ppl_base",
+    "ppl_quant",
+    "ln_ppl_ratio",
+)
+
+
+def _figures(chunks: list[Positions]) -> dict[str, float]:
+    kld = np.concatenate([c.kld for c in chunks])
+    nll_b = np.concatenate([c.nll_base for c in chunks]).mean()
+    nll_q = np.concatenate([c.nll_quant for c in chunks]).mean()
+    return {
+        "kld_mean": float(kld.mean()),
+        "kld_median": float(np.median(kld)),
+        "kld_p99": float(np.percentile(kld, 99)),
+        "kld_max": float(kld.max()),
+        "same_top": float(np.concatenate([c.same_top for c in chunks]).mean()),
+        "rms_dp": float(np.sqrt((np.concatenate([c.dp_top for c in chunks]) ** 2).mean())),
+        "ppl_base": float(np.exp(nll_b)),
+        "ppl_quant": float(np.exp(nll_q)),
+        "ln_ppl_ratio": float(nll_q - nll_b),
+    }
+
+
+def summarize(chunks: list[Positions], n_boot: int = 200, alpha: float = 0.05, seed: int = 0) -> dict[str, Estimate]:
+    """Every figure over all positions, with a percentile bootstrap interval that resamples
+    whole chunks (positions within a chunk are not independent)."""
+    if not chunks:
+        raise ValueError("no chunks to summarize")
+    point = _figures(chunks)
+    rng = np.random.default_rng(seed)
+    reps = [_figures([chunks[i] for i in rng.integers(0, len(chunks), len(chunks))]) for _ in range(n_boot)]
+    out = {}
+    for name in SUMMARY:
+        values = np.array([r[name] for r in reps])
+        low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+        out[name] = Estimate(point[name], float(low), float(high))
+    return out
+
+
+@dataclass(frozen=True)
+class PairedKLD:
+    n_chunks: int
+    n_positions: int
+    delta: float  # mean KLD of b minus a's, on the same positions
+    low: float  # bootstrap interval over chunks
+    high: float
+    p: float  # sign-flip permutation test over chunks
+
+    def within_noise(self, alpha: float) -> bool:
+        return self.p >= alpha
+
+
+def paired(a: list[Positions], b: list[Positions], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> PairedKLD:
+    """Mean KLD of checkpoint ``b`` against checkpoint ``a``, both against the same base on the
+    same chunks. Each chunk contributes its summed difference, so the statistic is the
+    difference of the two position means."""
+    if len(a) != len(b) or any(len(x.kld) != len(y.kld) for x, y in zip(a, b, strict=True)):
+        raise ValueError("paired KLD needs the same chunks and positions on both sides")
+    sums = np.array([y.kld.sum() - x.kld.sum() for x, y in zip(a, b, strict=True)])
+    sizes = np.array([len(x.kld) for x in a])
+    n = int(sizes.sum())
+    delta = float(sums.sum() / n)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(sums), (n_boot, len(sums)))
+    boot = sums[picks].sum(axis=1) / sizes[picks].sum(axis=1)
+    low, high = np.percentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    signs = rng.choice((-1.0, 1.0), (n_boot * 5, len(sums)))
+    flipped = np.abs((signs * sums).sum(axis=1))
+    p = float((1 + (flipped >= abs(sums.sum()) - 1e-12).sum()) / (1 + len(flipped)))
+    return PairedKLD(len(sums), n, delta, float(low), float(high), p)
