@@ -56,6 +56,7 @@ SLOWEST_FIRST = (
     "test_tracking_outage.py",
     "test_progress.py",
     "test_tiny_builds.py",
+    "test_fidelity_child.py",
     "test_failure_isolation.py",
 )
 
