@@ -24,13 +24,16 @@ SERVE_TARGET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 # the same constraints (compared with pip freeze), in far less time. It does not read pip's
 # configuration, so pip's find-links (here a local CPU torch wheel) and index URL are passed on;
 # `make env INSTALLER=pip` builds with pip alone (for a pip.conf with extra indexes, say).
+# --compile-bytecode: pip compiles at install and uv does not; without the .pyc files (the suite's
+# children write none) every child compiled torch's and llm-compressor's sources anew (measured:
+# `import llmcompressor` 43 s instead of 29 s beside a running suite).
 INSTALLER ?= uv
 UV_VERSION := 0.13.9
 UV := $(VENV)/bin/uv
 ifeq ($(INSTALLER),uv)
 FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 INDEX_URL := $(or $(PIP_INDEX_URL),$(shell $(PYTHON) -m pip config get global.index-url 2>/dev/null))
-install = $(UV) pip install -q --python $(1) $(foreach f,$(FIND_LINKS),--find-links $(f)) $(if $(INDEX_URL),--index-url $(INDEX_URL))
+install = $(UV) pip install -q --compile-bytecode --python $(1) $(foreach f,$(FIND_LINKS),--find-links $(f)) $(if $(INDEX_URL),--index-url $(INDEX_URL))
 uninstall = $(UV) pip uninstall -q --python $(1)
 INSTALLER_DEP := $(UV)
 else
