@@ -58,7 +58,7 @@ class Positions:
     nll_quant: np.ndarray  # -log p(next token), checkpoint
 
 
-def _log1mexp_sum(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _tail(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(tail mass, its log) of the probability left outside ``logprobs`` (summed over the last axis)."""
     inside = np.exp(logprobs).sum(axis=-1)
     tail = np.clip(1.0 - inside, 0.0, 1.0)
@@ -73,8 +73,8 @@ def compare(base: BaseChunk, quant_logprobs: np.ndarray, targets: np.ndarray) ->
     p_b = np.exp(lp_b)
     kld = (p_b * (lp_b - lq)).sum(axis=1)
     if base.k < q.shape[1]:  # the rest of the vocabulary as one bucket on both sides
-        tail_b, log_tail_b = _log1mexp_sum(lp_b)
-        _, log_tail_q = _log1mexp_sum(lq)
+        tail_b, log_tail_b = _tail(lp_b)
+        _, log_tail_q = _tail(lq)
         kld = kld + tail_b * (log_tail_b - log_tail_q)
     rows = np.arange(len(q))
     top_b = base.indices[:, 0]

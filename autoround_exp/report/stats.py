@@ -53,7 +53,7 @@ def paired(a, b, alpha: float = 0.05) -> Paired:
 def align(a: dict, b: dict, column: str) -> tuple[list, list]:
     """The two runs' scores on the documents both scored, matched on document id and the hash
     of prompt and target (lm-eval's document hash for runs stored without it)."""
-    field = "prompt_hash" if "prompt_hash" in a and "prompt_hash" in b else "doc_hash"
+    field = doc_keys([a, b])
     index_b = {(i, h): k for k, (i, h) in enumerate(zip(b["doc_id"], b[field], strict=True))}
     xs, ys = [], []
     for k, key in enumerate(zip(a["doc_id"], a[field], strict=True)):
