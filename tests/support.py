@@ -24,6 +24,7 @@ from autoround_exp.config import register_configs
 from autoround_exp.preflight import validate
 from autoround_exp.report import compact, runs, tables
 from autoround_exp.vllm_server import free_port
+from tools import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,6 +126,11 @@ def paths_args(workdir: Path, share_checkpoints: bool = True) -> list[str]:
     if share_checkpoints and os.environ.get(SHARED_CHECKPOINTS):
         args.append(f"paths.checkpoints={os.environ[SHARED_CHECKPOINTS]}")
     return args
+
+
+# The calibration of tests whose assertions do not depend on it, gpu-check's own: a config
+# quantized with it in one module (or by the check) is reused by the others (the quantization key).
+SMALL_CALIB = gpu_check.SMALL_CALIB
 
 
 FIXTURE = Path(__file__).parent / "data" / "report" / "results"

@@ -99,6 +99,7 @@ def test_runs_are_logged_over_http_to_a_real_mlflow_server(tmp_path, mlflow_serv
     work.mkdir()
     args = ["tracking=server", f"tracking.uri={url}", *QUICK]
     args += [f"paths.results={work / 'results'}", f"paths.work={work / 'out'}"]
+    args += [a for a in paths_args(work) if a.startswith("paths.checkpoints=")]  # the session's checkpoints
     run(work, args)
     import mlflow
 

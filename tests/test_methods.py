@@ -12,7 +12,7 @@ import pytest
 from autoround_exp import quantize, store, verify
 from autoround_exp.config import ConfigError, method_params
 from autoround_exp.report import runs, tables
-from tests.support import experiment, make_demo_store, records, run_py, variant, write_run
+from tests.support import SMALL_CALIB, experiment, make_demo_store, records, run_py, variant, write_run
 
 
 def modifier(tmp_path: Path, *overrides: str):
@@ -117,7 +117,7 @@ LIMIT = 20
 # AWQ+GPTQ's recipe is checked above; its real run (measured here: 2.5 min more) is left to make demo's sweeps
 SWEEP = ["-m", "scheme=w4a16", "method=gptq,awq,autoround", "iters=16", "serve=hf", f"eval.limit={LIMIT}"]
 # gpu_check's small calibration (AutoRound iters=16 still moves codes on every CPU tried), a small AWQ grid
-SWEEP += ["calibration.nsamples=8", "calibration.seqlen=64", "method.batch_size=4", "method.n_grid=4"]
+SWEEP += [*SMALL_CALIB, "method.n_grid=4"]
 SWEEP += ["report.readme=null"]
 
 

@@ -15,6 +15,7 @@ import yaml
 from autoround_exp.report import runs
 from tests.support import (
     ROOT,
+    SMALL_CALIB,
     check_block_against_records,
     lm_eval_by_hand,
     mlflow_runs,
@@ -34,8 +35,8 @@ SWEEP = [
     "scheme=w4a16",
     "serve=hf",
     f"eval.limit={LIMIT}",
-    "calibration.nsamples=16",
-    "method.batch_size=4",
+    # the session's small calibration (gpu-check's, test_methods'): its AutoRound checkpoints are made once
+    *SMALL_CALIB,
     "report.readme_scope=all",  # the README block shows these limited runs (by default only full evaluations)
 ]
 README = "# notes\n\nkeep  this\n\n<!-- results:begin -->\n<!-- results:end -->\n\ntail\n"
@@ -133,7 +134,7 @@ def test_checkpoints_are_compressed_tensors_with_upstream_names(sweep):
         modifier = "AutoRoundModifier" if "autoround" in name else "QuantizationModifier"
         assert modifier in recipe["default_stage"]["default_modifiers"]
     calib = recs["tiny_llama-w4a16-autoround-iters16"]["calibration"]
-    assert calib["nsamples"] == 16 and calib["seqlen"] == 256 and len(calib["token_sha256"]) == 64
+    assert calib["nsamples"] == 8 and calib["seqlen"] == 64 and len(calib["token_sha256"]) == 64
 
 
 def test_the_sweep_is_one_parent_run_with_its_jobs_nested_and_its_results_on_it(sweep):

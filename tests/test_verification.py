@@ -13,16 +13,19 @@ from pathlib import Path
 import pytest
 
 from autoround_exp import verify
-from tests.support import ROOT
+from tests.support import ROOT, SMALL_CALIB, paths_args
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["calibration.nsamples=8", "calibration.seqlen=64", "serve=hf", "eval.limit=4", "baselines=false"]
+SMALL = [*SMALL_CALIB, "serve=hf", "eval.limit=4", "baselines=false"]
 
 
-def run_py(work: Path, *args: str) -> subprocess.CompletedProcess:
+def run_py(work: Path, *args: str, shared: bool = False) -> subprocess.CompletedProcess:
+    """run.py with its checkpoints in ``work``, or with ``shared`` in the session's folder (a
+    checkpoint this test reads, not one it must see made)."""
     argv = [sys.executable, str(ROOT / "run.py"), *args, "tracking.enabled=false", "report.readme=null"]
     argv += [f"paths.results={work / 'results'}", f"paths.work={work / 'work'}"]
+    argv += [a for a in paths_args(work, share_checkpoints=shared) if a.startswith("paths.checkpoints=")]
     return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1800)
 
 
@@ -43,7 +46,7 @@ def test_a_recipe_that_quantizes_nothing_fails_before_evaluation_naming_the_caus
 
 
 def test_an_autoround_record_shows_its_layers_and_the_codes_tuning_changed(tmp_path):
-    proc = run_py(tmp_path, "method=autoround", "iters=16", "scheme=w4a16", *SMALL)
+    proc = run_py(tmp_path, "method=autoround", "iters=16", "scheme=w4a16", *SMALL, shared=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     (rec,) = records(tmp_path)
     v = rec["quantization"]["verification"]

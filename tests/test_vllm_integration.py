@@ -17,6 +17,7 @@ import pytest
 from autoround_exp import backend
 from tests.support import (
     ROOT,
+    SMALL_CALIB,
     VLLM_MARKS,
     ctrl_c_reaches_python,
     lm_eval_by_hand,
@@ -153,7 +154,7 @@ def test_ctrl_c_while_serving_stops_the_server(tmp_path):
 
 
 def test_auto_serves_in_vllm_where_this_cpu_has_the_kernel_else_hf_and_says_so(tmp_path):
-    proc = run_py(tmp_path, "-m", "scheme=nvfp4,w4a16", "method=rtn", "baselines=false", "eval.limit=8")
+    proc = run_py(tmp_path, "-m", "scheme=nvfp4,w4a16", "method=rtn", "baselines=false", "eval.limit=8", *SMALL_CALIB)
     recs = {r["name"]: r for r in map(json.loads, map(Path.read_text, (tmp_path / "results" / "runs").glob("*.json")))}
     nvfp4, w4a16 = recs["tiny_llama-nvfp4-rtn"]["eval"], recs["tiny_llama-w4a16-rtn"]["eval"]
     assert nvfp4["backend"] == "hf" and nvfp4["backend_requested"] == "auto"

@@ -125,6 +125,9 @@ CUDA_WNA16 = ("MarlinLinearKernel", "MacheteLinearKernel", "HummingLinearKernel"
 # on every CPU tried; 4 did on one with AVX-512 and AMX but in no block on an AVX2-only one,
 # whose checkpoint verification then (rightly) refuses it as round-to-nearest.
 ITERS = 16
+# Calibration small enough for CPU runs; the test suite quantizes with the same, so that the
+# check's checkpoints and the suite's are made once (tests/support.py, the quantization key).
+SMALL_CALIB = ("calibration.nsamples=8", "calibration.seqlen=64")
 
 
 def expectations(facts: Facts) -> Expectations:
@@ -163,19 +166,18 @@ class Invocation:
 def invocations(exp: Expectations) -> list[Invocation]:
     """The run.py calls: fewest runs that cover every check. The sweep's jobs bring the base
     and RTN runs themselves (pipeline.baselines_of)."""
-    small_calib = ("calibration.nsamples=8", "calibration.seqlen=64")
     iters = ",".join(map(str, exp.iters))
     return [
         Invocation(
             "text sweep",
-            ("-m", "model=tiny_llama", "scheme=nvfp4,w4a16", "method=autoround", f"iters={iters}", *small_calib)
+            ("-m", "model=tiny_llama", "scheme=nvfp4,w4a16", "method=autoround", f"iters={iters}", *SMALL_CALIB)
             + ("serve=auto", f"eval.limit={exp.limit}"),
         ),
         Invocation("vllm_server", ("-m", "model=tiny_llama", "method=none", "serve=vllm_server", "eval.limit=20")),
         Invocation(
             "vision-language",
             ("-m", "model=tiny_qwen3_vl", "eval=chartqa", "scheme=nvfp4", "method=rtn", "baselines=false")
-            + (*small_calib, "serve=auto", f"eval.limit={exp.vlm_limit}", "eval.max_gen_toks=32"),
+            + (*SMALL_CALIB, "serve=auto", f"eval.limit={exp.vlm_limit}", "eval.max_gen_toks=32"),
         ),
     ]
 
