@@ -88,6 +88,7 @@ test: env
 
 bench: env
 	$(PY) -m tools.overhead_bench
+	$(PY) -m tools.fidelity_bench
 
 gpu-check: env
 	$(PY) -m tools.gpu_check

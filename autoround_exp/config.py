@@ -131,6 +131,7 @@ class ModelConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval_data: dict[str, LocalTaskData] = field(default_factory=dict)
     vllm: VllmEngineConfig = field(default_factory=VllmEngineConfig)
+    fidelity_text: str | None = None  # held-out text the fidelity stage reads by default
 
 
 @dataclass
@@ -234,6 +235,21 @@ class PerfConfig:
 
 
 @dataclass
+class FidelityConfig:
+    """Fidelity against the base (``fidelity=kld``, the default; ``fidelity=none``): each
+    checkpoint's next-token distributions against the unquantized model's on a fixed text."""
+
+    name: str = "kld"
+    enabled: bool = True
+    # a .txt (paragraphs split at blank lines) or .jsonl ({"text"} or {"question", "answer"});
+    # null: the model's own held-out text (model.fidelity_text), else not measured
+    data_path: str | None = None
+    seqlen: int = 128  # tokens per chunk; the bootstrap resamples chunks
+    max_tokens: int = 4096
+    top_k: int = 512  # the base's log-probabilities kept per position: exact where >= the vocabulary
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     uri: str = "sqlite:///mlflow.db"
@@ -279,6 +295,7 @@ class ExperimentConfig:
     serve: ServeConfig = MISSING
     tracking: TrackingConfig = MISSING
     perf: PerfConfig = field(default_factory=PerfConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     calibration: CalibrationOverrides = field(default_factory=CalibrationOverrides)
     paths: PathsConfig = field(default_factory=PathsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -334,6 +351,7 @@ class Experiment:
     serve_choice: Any = None  # serve.Choice: the backend that evaluates it, and why
     seed: int | None = None  # the top-level seed of a seed sweep
     perf: PerfConfig = field(default_factory=PerfConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
     @property
     def quantized(self) -> bool:

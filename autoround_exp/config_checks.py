@@ -29,6 +29,7 @@ from autoround_exp.config import (
     EvalConfig,
     Experiment,
     ExperimentConfig,
+    FidelityConfig,
     LocalTaskData,
     MethodConfig,
     ModelConfig,
@@ -42,6 +43,7 @@ from autoround_exp.config import (
     redact_uri,
     resolved_for,
 )
+from autoround_exp.fidelity import text_problem
 
 
 def choices(key: str, value: Any, allowed) -> None:
@@ -82,6 +84,29 @@ def check_perf(p: PerfConfig) -> None:
         ok = False
     if not ok:
         raise ConfigError(f"perf.request_rate={rate} is invalid; set inf (all requests at once) or requests/s > 0.")
+
+
+def check_fidelity(f: FidelityConfig, model: ModelConfig) -> None:
+    if not f.enabled:
+        return
+    for name, low in (("seqlen", 2), ("max_tokens", 2), ("top_k", 1)):
+        if getattr(f, name) < low:
+            raise ConfigError(f"fidelity.{name}={getattr(f, name)} is invalid; set an integer >= {low}.")
+    if f.max_tokens < f.seqlen:
+        raise ConfigError(
+            f"fidelity.max_tokens={f.max_tokens} is below fidelity.seqlen={f.seqlen}: not one chunk fits; "
+            "raise max_tokens or lower seqlen."
+        )
+    source = f.data_path or model.fidelity_text
+    if source is None:  # not measured, and the record says why
+        return
+    problem = text_problem(Path(source).expanduser(), f.seqlen)
+    if problem is not None:
+        key = "fidelity.data_path" if f.data_path else "model.fidelity_text"
+        raise ConfigError(
+            f"{key}={source}: {problem}; set fidelity.data_path to a .txt or .jsonl text of at least one "
+            "chunk, or fidelity=none."
+        )
 
 
 def check_report(r: ReportConfig) -> None:
@@ -353,6 +378,7 @@ def validate(cfg: DictConfig) -> Experiment:
     eval_data = check_eval(typed.eval, typed.model)
     calib = calibration_of(typed)
     check_perf(typed.perf)
+    check_fidelity(typed.fidelity, typed.model)
     check_report(typed.report)
     check_gpus(typed.gpus)
     if typed.tracking.enabled:
@@ -374,4 +400,5 @@ def validate(cfg: DictConfig) -> Experiment:
         resolved=resolved,
         seed=typed.seed,
         perf=typed.perf,
+        fidelity=typed.fidelity,
     )

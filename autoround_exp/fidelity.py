@@ -13,9 +13,63 @@ inequality), equal to it when the tails agree in shape. Plain numpy: the report 
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+def documents(path: Path) -> Iterator[str]:
+    """The text's documents in order: a .jsonl's ``{"text"}`` or ``{"question", "answer"}``
+    objects (one per line), a .txt's paragraphs (split at blank lines)."""
+    with path.open(encoding="utf-8") as f:
+        if path.suffix == ".jsonl":
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    d = json.loads(line)
+                    yield d["text"] if "text" in d else f"Question: {d['question']}\nAnswer: {d['answer']}"
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"line {n} is not a JSON object with text, or question and answer") from None
+            return
+        paragraph: list[str] = []
+        for line in f:
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                yield "".join(paragraph).strip("\n")
+                paragraph = []
+        if paragraph:
+            yield "".join(paragraph).strip("\n")
+
+
+def text_problem(path: Path, seqlen: int) -> str | None:
+    """Why ``path`` cannot give one chunk of ``seqlen`` + 1 tokens, without a tokenizer: every
+    token is at least one character, plus one BOS per document. None: it may (the child's
+    tokenizer counts exactly)."""
+    if not path.is_file():
+        return "no such file" if not path.exists() else "not a file"
+    if path.suffix not in TEXT_SUFFIXES:
+        return f"not a {' or '.join(TEXT_SUFFIXES)} file"
+    need, have, docs = seqlen + 1, 0, 0
+    try:
+        for doc in documents(path):
+            docs, have = docs + 1, have + len(doc) + 1
+            if have >= need:
+                return None
+    except (ValueError, UnicodeDecodeError) as e:
+        return str(e)
+    if docs == 0:
+        return "it holds no text"
+    chars = have - docs
+    return f"{chars} characters in {docs} documents: fewer than the {need} tokens of one chunk (fidelity.seqlen + 1)"
+
 
 # A probability below this is floored before its logarithm (a tail the quantized model left empty)
 FLOOR = 1e-12
@@ -171,3 +225,50 @@ def paired(a: list[Positions], b: list[Positions], n_boot: int = 2000, alpha: fl
     flipped = np.abs((signs * sums).sum(axis=1))
     p = float((1 + (flipped >= abs(sums.sum()) - 1e-12).sum()) / (1 + len(flipped)))
     return PairedKLD(len(sums), n, delta, float(low), float(high), p)
+
+
+# ---- what a run's record holds (record.RunRecord.fidelity) ---------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FidelitySettings(_Strict):
+    """What was compared (``fidelity.*``): with the run's key, the measurement's identity."""
+
+    text: str
+    text_sha256: str
+    seqlen: int
+    max_tokens: int
+    top_k: int
+
+
+class Figure(_Strict):
+    value: float
+    low: float  # bootstrap 95 % interval over the text's chunks
+    high: float
+
+
+class Fidelity(_Strict):
+    """The checkpoint against its base on the same tokens (``fidelity=kld``), or why it was not
+    measured. ``figures``: ``SUMMARY``'s names; ``exact`` false when the base's top k was
+    shorter than its vocabulary (KL over k + 1 outcomes: at most the exact value)."""
+
+    settings: FidelitySettings | None = None
+    measured: bool
+    reason: str | None = None
+    backend: str | None = None  # what computed both sides' log-probabilities
+    base: str | None = None  # the base's stored distributions (computed once per identity)
+    chunks: int | None = None
+    positions: int | None = None
+    vocab: int | None = None
+    exact: bool | None = None
+    token_sha256: str | None = None
+    figures: dict[str, Figure] = Field(default_factory=dict)
+    per_position: str | None = None  # the .npz of every position's figures (paired tests)
+    seconds: float | None = None
+
+    def value(self, figure: str) -> float | None:
+        f = self.figures.get(figure)
+        return f.value if f else None

@@ -3,11 +3,14 @@ through transformers, chunk by chunk.
 
     python -m autoround_exp.fidelity_child base    <request.json>   # the base: stores its top k
     python -m autoround_exp.fidelity_child compare <request.json>   # a checkpoint against that store
+    python -m autoround_exp.fidelity_child run     <request.json>   # the pipeline's: base if asked, then compare
 
 The request (JSON): ``model`` (a folder transformers loads; a compressed-tensors checkpoint is
 decompressed on load), ``text`` (a .jsonl of ``{"question", "answer"}`` or ``{"text"}`` objects,
 or a .txt file), ``seqlen``, ``max_tokens``, ``top_k``, ``base`` (the base's .npz) and, for
-``compare``, ``out`` (the per-position .npz) and ``summary`` (the figures, JSON).
+``compare``, ``out`` (the per-position .npz) and ``summary`` (the figures, JSON). ``run`` also
+takes ``base_model`` and ``make_base`` (store the base first, in the same process) and runs
+``compare`` when ``model`` is set. A visible GPU computes both sides.
 
 Both models see the same token ids: the text is tokenized once with the base's tokenizer, each
 document begins with BOS, the stream is cut into ``seqlen``-token chunks (the last partial
@@ -32,22 +35,11 @@ class FidelityError(RuntimeError):
     pass
 
 
-def documents(path: Path) -> list[str]:
-    if path.suffix == ".jsonl":
-        out = []
-        for line in path.read_text().splitlines():
-            if line.strip():
-                d = json.loads(line)
-                out.append(d["text"] if "text" in d else f"Question: {d['question']}\nAnswer: {d['answer']}")
-        return out
-    return [p for p in path.read_text().split("\n\n") if p.strip()]
-
-
 def chunks_of(tokenizer, path: Path, seqlen: int, max_tokens: int) -> np.ndarray:
     """[C, seqlen + 1] token ids: each row a chunk and the token after it (the last target)."""
     stream: list[int] = []
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    for doc in documents(path):
+    for doc in fidelity.documents(path):
         stream += bos + tokenizer(doc, add_special_tokens=False)["input_ids"]
         if len(stream) >= max_tokens + 1:
             break
@@ -67,23 +59,31 @@ def log_probs(model, ids: np.ndarray):
 
     with torch.inference_mode():
         for row in ids:
-            x = torch.from_numpy(row[:-1]).unsqueeze(0)
+            x = torch.from_numpy(row[:-1]).unsqueeze(0).to(model.device)
             logits = model(input_ids=x).logits[0].double()
             # rounded to float32 as the base is stored: a model compared with itself gives exactly 0
-            yield torch.log_softmax(logits, dim=-1).float().double().numpy(), row[1:]
+            yield torch.log_softmax(logits, dim=-1).float().double().cpu().numpy(), row[1:]
 
 
-def load(path: str):
+def load(path: str, revision: str | None = None, dtype: str | None = None):
+    """The model on the GPU in its own dtype, or on the CPU in float32 (bfloat16 matmuls without
+    native support took 5x as long there, measured on the tiny Llama); ``dtype``: the base's, so
+    that both sides run one code path."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype="auto")
+    cuda = torch.cuda.is_available()
+    dtype = getattr(torch, dtype) if dtype else ("auto" if cuda else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype)
+    if cuda:
+        model.to("cuda")
     model.eval()
-    return AutoTokenizer.from_pretrained(path), model
+    return AutoTokenizer.from_pretrained(path, revision=revision), model
 
 
 def base(req: dict) -> None:
     t0 = time.perf_counter()
-    tok, model = load(req["model"])
+    tok, model = load(req["model"], req.get("revision"))
     ids = chunks_of(tok, Path(req["text"]), req["seqlen"], req["max_tokens"])
     stored = [fidelity.base_chunk(lp, targets, req["top_k"]) for lp, targets in log_probs(model, ids)]
     out = Path(req["base"])
@@ -96,26 +96,27 @@ def base(req: dict) -> None:
         logprobs=np.stack([c.logprobs for c in stored]).astype(np.float32),
         target_logprobs=np.stack([c.target_logprobs for c in stored]),
         vocab=np.array(model.config.vocab_size),
+        dtype=np.array(str(model.dtype).removeprefix("torch.")),
     )
     partial.replace(out)
     n = ids.shape[0] * (ids.shape[1] - 1)
     print(f"[fidelity] base: {ids.shape[0]} chunks, {n} positions, top {stored[0].k}, {time.perf_counter() - t0:.1f} s")
 
 
-def load_base(path: Path) -> tuple[np.ndarray, list[fidelity.BaseChunk], int]:
+def load_base(path: Path) -> tuple[np.ndarray, list[fidelity.BaseChunk], int, str]:
     with np.load(path) as z:
-        ids, vocab = z["ids"], int(z["vocab"])
+        ids, vocab, dtype = z["ids"], int(z["vocab"]), str(z["dtype"])
         chunks = [
             fidelity.BaseChunk(i, lp.astype(np.float64), t)
             for i, lp, t in zip(z["indices"], z["logprobs"], z["target_logprobs"], strict=True)
         ]
-    return ids, chunks, vocab
+    return ids, chunks, vocab, dtype
 
 
 def compare(req: dict) -> None:
     t0 = time.perf_counter()
-    ids, stored, vocab = load_base(Path(req["base"]))
-    tok, model = load(req["model"])
+    ids, stored, vocab, dtype = load_base(Path(req["base"]))
+    tok, model = load(req["model"], dtype=dtype)
     again = chunks_of(tok, Path(req["text"]), req["seqlen"], req["max_tokens"])
     if again.shape != ids.shape or token_sha256(again) != token_sha256(ids):
         raise FidelityError(f"{req['model']} tokenizes the text differently from its base: positions do not pair")
@@ -124,9 +125,13 @@ def compare(req: dict) -> None:
     positions = [
         fidelity.compare(b, lp, targets) for b, (lp, targets) in zip(stored, log_probs(model, ids), strict=True)
     ]
+    out = Path(req["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.npz")
     np.savez(
-        req["out"], **{f: np.stack([getattr(p, f) for p in positions]) for f in fidelity.Positions.__dataclass_fields__}
+        partial, **{f: np.stack([getattr(p, f) for p in positions]) for f in fidelity.Positions.__dataclass_fields__}
     )
+    partial.replace(out)
     summary = {k: vars(v) for k, v in fidelity.summarize(positions).items()}
     summary |= {
         "chunks": len(positions),
@@ -136,16 +141,25 @@ def compare(req: dict) -> None:
         "exact": stored[0].k >= vocab,
         "token_sha256": token_sha256(ids),
         "seconds": round(time.perf_counter() - t0, 3),
+        "dtype": f"{str(model.dtype).removeprefix('torch.')} ({model.device.type})",
     }
     Path(req["summary"]).write_text(json.dumps(summary, indent=1))
-    print(f"[fidelity] mean KLD {summary['kld_mean']['value']:.5f}, same top {summary['same_top']['value']:.3f}")
+    kld, same = summary["kld_mean"]["value"], summary["same_top"]["value"]
+    print(f"[fidelity] {summary['dtype']}: mean KLD {kld:.5f}, same top {same:.3f}")
+
+
+def run(req: dict) -> None:
+    if req.get("make_base"):
+        base({**req, "model": req["base_model"], "revision": req.get("base_revision")})
+    if req.get("model"):
+        compare(req)
 
 
 def main(argv: list[str]) -> int:
     mode, request = argv
     req = json.loads(Path(request).read_text())
     try:
-        {"base": base, "compare": compare}[mode](req)
+        {"base": base, "compare": compare, "run": run}[mode](req)
     except FidelityError as e:
         print(f"[fidelity] {e}", file=sys.stderr)
         return 2

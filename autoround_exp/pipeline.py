@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from autoround_exp import lmeval_results, progress, record, serving_cost, store
+from autoround_exp import fidelity_stage, lmeval_results, progress, record, serving_cost, store
 from autoround_exp.config import AUTOROUND_METHODS, ConfigError, Experiment, MethodConfig
 from autoround_exp.evaluate import EvalResult, evaluate, prestart
 from autoround_exp.fsutil import locked
@@ -65,6 +65,8 @@ def _run_one(
     name = run_name(exp)
     found = results.find(key)
     if found is not None and not exp.force:
+        if exp.fidelity.enabled and exp.quantized:
+            found = with_fidelity(exp, found, results)
         if exp.perf.enabled:
             found = with_perf(exp, found, results)
         return Outcome(name, key, "reused", found.metrics, found.mlflow_run_id, str(results.path_of(key)))
@@ -109,25 +111,48 @@ def _run_one(
         artifacts=artifacts_of(ev, logs, quant),
         parent_run_id=parent_run_id,
     )
-    perf_error = None
-    if exp.perf.enabled:
-        t = time.perf_counter()
-        try:
-            rec.perf = serving_cost.measure(exp, checkpoint, ev.samples_paths, work / "perf" / key, logs)
-        except Exception as err:  # the accuracy result stands: stored without its serving cost
-            perf_error = err
-        rec.stages = {**rec.stages, "perf": round(time.perf_counter() - t, 3)}
-        rec.finished_at = now()
+    errors = later_stages(exp, rec, ev, logs)
     if tracking_ready is not None:
         from autoround_exp.tracking import log_or_defer
 
         tracking_ready.join()
         rec = log_or_defer(exp.tracking, rec, samples, force=exp.force)
     path = results.save(rec, samples)
-    if perf_error is not None:
-        raise PerfFailed(f"serving benchmark: {perf_error} (the accuracy run is stored; a re-run measures it)")
+    if errors:
+        raise StageFailed("; ".join(errors) + " (the accuracy run is stored; a re-run measures it)")
     seconds = sum(v for v in rec.stages.values())
     return Outcome(name, key, "done", rec.metrics, rec.mlflow_run_id, str(path), seconds=seconds)
+
+
+def later_stages(exp: Experiment, rec: RunRecord, ev: EvalResult, logs: Path) -> list[str]:
+    """The stages after the accuracy run, into ``rec``: fidelity against the base, serving
+    cost. One that fails leaves its field empty and says why; the accuracy result stands."""
+    work, errors = Path(exp.paths.work).resolve(), []
+    stages = [
+        (
+            "fidelity",
+            "fidelity",
+            exp.fidelity.enabled,
+            lambda: fidelity_stage.measure(exp, rec.checkpoint, rec.key, logs),
+        ),
+        (
+            "perf",
+            "serving benchmark",
+            exp.perf.enabled,
+            lambda: serving_cost.measure(exp, rec.checkpoint, ev.samples_paths, work / "perf" / rec.key, logs),
+        ),
+    ]
+    for field, what, enabled, measure in stages:
+        if not enabled:
+            continue
+        t = time.perf_counter()
+        try:
+            setattr(rec, field, measure())
+        except Exception as err:
+            errors.append(f"{what}: {err}")
+        rec.stages = {**rec.stages, field: round(time.perf_counter() - t, 3)}
+        rec.finished_at = now()
+    return errors
 
 
 def run_stages(
@@ -171,8 +196,40 @@ def artifacts_of(ev: EvalResult, logs: Path, quant: Quantization | None) -> dict
     return out
 
 
-class PerfFailed(RuntimeError):
-    pass
+class StageFailed(RuntimeError):
+    """A stage after the accuracy run failed; the run is stored, and a re-run does the stage."""
+
+
+def with_fidelity(exp: Experiment, rec: RunRecord, results: store.Store) -> RunRecord:
+    """A stored quantized run with its fidelity under ``exp.fidelity``'s settings: reused when
+    measured with them before, else compared with its base now and stored (and logged)."""
+    settings = fidelity_stage.settings_of(exp)
+    if rec.fidelity is not None and rec.fidelity.settings == settings:
+        return rec
+    print(f"[fidelity] {rec.name} key={rec.key}: comparing the stored run's checkpoint with its base", flush=True)
+    t = time.perf_counter()
+    try:
+        measured = fidelity_stage.measure(
+            exp, rec.checkpoint, rec.key, Path(exp.paths.work).resolve() / "logs" / rec.key
+        )
+    except Exception as err:
+        raise StageFailed(f"fidelity: {err}") from err
+    stages = {**rec.stages, "fidelity": round(time.perf_counter() - t, 3)}
+    rec = rec.model_copy(update={"fidelity": measured, "stages": stages})
+    results.save(rec)
+    _log_added(exp, rec, "fidelity")
+    return rec
+
+
+def _log_added(exp: Experiment, rec: RunRecord, stage: str) -> None:
+    """A stage's figures measured for a run logged earlier: onto that MLflow run."""
+    if exp.tracking.enabled and rec.mlflow_run_id:
+        from autoround_exp.tracking import log_added
+
+        try:
+            log_added(exp.tracking, rec, stage)
+        except Exception as e:  # stored on disk whatever MLflow does
+            print(f"WARNING: logging the {stage} of {rec.name} to MLflow failed: {type(e).__name__}: {e}")
 
 
 def with_perf(exp: Experiment, rec: RunRecord, results: store.Store) -> RunRecord:
@@ -189,17 +246,11 @@ def with_perf(exp: Experiment, rec: RunRecord, results: store.Store) -> RunRecor
     try:
         measured = serving_cost.measure(exp, rec.checkpoint, samples, work / "perf" / rec.key, work / "logs" / rec.key)
     except Exception as err:
-        raise PerfFailed(f"serving benchmark: {err}") from err
+        raise StageFailed(f"serving benchmark: {err}") from err
     stages = {**rec.stages, "perf": round(time.perf_counter() - t, 3)}
     rec = rec.model_copy(update={"perf": measured, "stages": stages})
     results.save(rec)
-    if exp.tracking.enabled and rec.mlflow_run_id:
-        from autoround_exp.tracking import log_perf
-
-        try:
-            log_perf(exp.tracking, rec)
-        except Exception as e:  # stored on disk whatever MLflow does
-            print(f"WARNING: logging the serving cost of {rec.name} to MLflow failed: {type(e).__name__}: {e}")
+    _log_added(exp, rec, "perf")
     return rec
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoround_exp.config import METHOD_NAMES
+from autoround_exp.fidelity import Fidelity
 
 if TYPE_CHECKING:  # the validated config the record is assembled from (never imported at run time)
     from autoround_exp.config import Experiment
@@ -249,7 +250,7 @@ class RunRecord(_Strict):
     finished_at: str
     started_at: str | None = None  # when this run's work began (None: a record from before it was kept)
     # wall seconds of each stage as the harness timed it: quantize (the child, or 0 for a reused
-    # checkpoint), evaluate (server and lm-eval), perf; what MLflow gets as time/<stage>_s
+    # checkpoint), evaluate (server and lm-eval), fidelity, perf; what MLflow gets as time/<stage>_s
     stages: dict[str, float] = Field(default_factory=dict)
     model: ModelRef
     scheme: str | None  # the scheme config's name (None: unquantized)
@@ -273,6 +274,7 @@ class RunRecord(_Strict):
     config: dict  # the whole resolved config, for people and MLflow params; code reads the fields
     tracking: Tracking = Field(default_factory=Tracking)
     perf: Perf | None = None  # serving cost, when perf=throughput measured it
+    fidelity: Fidelity | None = None  # against the base (fidelity=kld); None: off, or the base itself
     # what MLflow gets beside the record: lm-eval outputs, logs, checkpoint files
     artifacts: dict[str, list[str]] = Field(default_factory=dict)
 

@@ -115,12 +115,18 @@ def pin_revision(exp: Experiment) -> Experiment:
     return replace(exp, model=replace(m, revision=commit))
 
 
+def model_identity(exp: Experiment) -> dict:
+    """The unquantized model's weights: a local folder by content, a hub model by its commit."""
+    m = exp.model
+    local = Path(m.path).expanduser().exists()
+    ident = {"model": source_identity(m.path, digest_cache(exp)), "revision": None if local else m.revision}
+    return ident | {"dtype": m.dtype}
+
+
 def quant_identity(exp: Experiment) -> dict:
     m, q = exp.model, exp.method
     cache = digest_cache(exp)
-    local = Path(m.path).expanduser().exists()
-    ident = {"model": source_identity(m.path, cache), "revision": None if local else m.revision, "dtype": m.dtype}
-    ident["method"] = q.name
+    ident = model_identity(exp) | {"method": q.name}
     if not exp.quantized:
         return ident
     ident |= {"scheme": exp.scheme.preset, "ignore": list(m.ignore), "versions": versions(QUANT_LIBS)}
@@ -172,6 +178,7 @@ class Store:
         self.runs = Path(root) / "runs"
         self.samples = Path(root) / "samples"  # per-document scores, for paired tests
         self.failed = Path(root) / "failed"
+        self.fidelity = Path(root) / "fidelity"  # per-position figures against the base, for paired tests
 
     def path_of(self, key: str) -> Path | None:
         return next(iter(self.runs.glob(f"*__{key}.json")), None)
@@ -191,6 +198,9 @@ class Store:
     def samples_of(self, key: str) -> dict | None:
         path = self.samples / f"{key}.json"
         return json.loads(path.read_text()) if path.is_file() else None
+
+    def fidelity_of(self, key: str) -> Path:
+        return self.fidelity / f"{key}.npz"
 
     def save_failure(self, rec: FailureRecord) -> Path:
         """Failed jobs go to ``failed/``: kept for the post-mortem, never found as finished."""

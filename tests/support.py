@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from autoround_exp import backend
 from autoround_exp.config import register_configs
 from autoround_exp.preflight import validate
-from autoround_exp.report import compact, runs, tables
+from autoround_exp.report import compact, cost, fidelity, runs, tables
 from autoround_exp.vllm_server import free_port
 from tools import gpu_check
 
@@ -113,10 +113,16 @@ def lm_eval_by_hand(
 SHARED_CHECKPOINTS = "AUTOROUND_EXP_TEST_CHECKPOINTS"
 
 
-def paths_args(workdir: Path, share_checkpoints: bool = True) -> list[str]:
+# The fidelity stage (on by default) is left out of the runs of tests that are not about it: a
+# child process per run, about 6 s each on 2 cores, over the suite's ~100 runs. The tests of the
+# stage (test_sweep_integration, test_fidelity_child) ask for it.
+NO_FIDELITY = "fidelity=none"
+
+
+def paths_args(workdir: Path, share_checkpoints: bool = True, fidelity: bool = False) -> list[str]:
     """run.py overrides that keep a test's results, outputs and MLflow store in ``workdir``;
     its checkpoints in the session's shared folder, unless the test must see them made (a kill
-    mid-quantization, the quantize stage's progress)."""
+    mid-quantization, the quantize stage's progress); ``NO_FIDELITY`` unless ``fidelity``."""
     args = [
         f"paths.results={workdir / 'results'}",
         f"paths.work={workdir / 'work'}",
@@ -125,7 +131,7 @@ def paths_args(workdir: Path, share_checkpoints: bool = True) -> list[str]:
     ]
     if share_checkpoints and os.environ.get(SHARED_CHECKPOINTS):
         args.append(f"paths.checkpoints={os.environ[SHARED_CHECKPOINTS]}")
-    return args
+    return args if fidelity else [*args, NO_FIDELITY]
 
 
 # The calibration of tests whose assertions do not depend on it, gpu-check's own: a config
@@ -288,7 +294,19 @@ def check_block_against_records(block: str, loaded: list[runs.Run]) -> int:
                     continue
                 stored = rec.metric(col)
                 nums = [float(x.replace("−", "-")) for x in NUMBER.findall(cell)]
-                if name == "recovery":
+                if name in ("KLD vs base", "same top"):  # against the base, on the fidelity text
+                    # the cell's digits: "0.0172" (mean KLD), "96.8 %" (same top); the base: 0 and 100 %
+                    kld = name == "KLD vs base"
+                    figure, scale, tol = ("kld_mean", 1, 0.000051) if kld else ("same_top", 100, 0.051)
+                    if rec.method == "none":
+                        assert cell == ("0" if kld else "100 %"), (name, cell)
+                    else:
+                        assert nums[0] == pytest.approx(scale * fidelity.value(row, figure), abs=tol), (name, cell)
+                elif name == "Output tok/s (× base)":
+                    assert nums[0] == pytest.approx(rec.perf.value(cost.THROUGHPUT), abs=0.51), (name, cell)
+                    if len(nums) > 1:
+                        assert nums[1] == pytest.approx(cost.speedup(section, row), abs=0.0051), (name, cell)
+                elif name == "recovery":
                     base_value = tables.baseline_of(section, row).first.record.metric(col).value
                     assert nums[0] == pytest.approx(100 * stored.value / base_value, abs=0.051), (name, cell)
                 elif name == "Δ vs RTN":

@@ -29,6 +29,7 @@ CASES = [
     (["report.recovery_threshold=1.5"], ["report.recovery_threshold=1.5", "(0, 1]"]),
     (["model.path=/nonexistent/model"], ["model.path=/nonexistent/model does not exist"]),
     (["scheme=w4a16", "model.linear_in_features=[100]"], ["do not divide the in_features [100]"]),
+    (["fidelity.data_path=/nonexistent.txt"], ["fidelity.data_path=/nonexistent.txt: no such file", "fidelity=none"]),
 ]
 if not shutil.which("nvidia-smi"):  # the conflict exists only where no GPU is visible
     CASES.append((["serve=hf", "serve.device=cuda"], ["serve.device=cuda", "sees no CUDA GPU"]))

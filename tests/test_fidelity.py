@@ -3,12 +3,17 @@ whose answers are known, the top-k approximation against the exact value, and th
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from scipy.special import log_softmax
 from scipy.stats import entropy
 
 from autoround_exp import fidelity
+from autoround_exp.config import ConfigError
+from autoround_exp.config_checks import validate
+from tests.support import compose_cfg
 
 V = 50
 
@@ -93,3 +98,48 @@ def test_paired_needs_the_same_chunks():
     a = positions(chunks(rng, 3, 0.3))
     with pytest.raises(ValueError, match="same chunks"):
         fidelity.paired(a, a[:2])
+
+
+# ---- the text, refused at the door ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,content,reason",
+    [
+        ("missing.txt", None, "no such file"),
+        ("empty.txt", "", "it holds no text"),
+        ("blank.jsonl", "\n\n", "it holds no text"),
+        ("short.txt", "Tom has 3 apples.\n\nHe eats one.\n", "29 characters in 2 documents: fewer than the 129 tokens"),
+        ("bad.jsonl", '{"text": "fine"}\nnot json\n', "line 2 is not a JSON object with text, or question and answer"),
+        ("text.csv", "a,b\n" * 100, "not a .txt or .jsonl file"),
+    ],
+)
+def test_a_text_that_cannot_give_one_chunk_is_refused_at_the_door_naming_path_and_reason(
+    tmp_path, name, content, reason
+):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg([f"fidelity.data_path={path}"]))
+    assert f"fidelity.data_path={path}: {reason}" in str(err.value) and "fidelity=none" in str(err.value)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_a_text_long_enough_passes_and_fidelity_none_asks_for_none(tmp_path):
+    path = tmp_path / "wiki.txt"
+    path.write_text(("A paragraph of text. " * 10 + "\n\n") * 2)
+    exp = validate(compose_cfg([f"fidelity.data_path={path}"]))
+    assert exp.fidelity.enabled and exp.fidelity.data_path == str(path)
+    assert not validate(compose_cfg(["fidelity=none", "fidelity.data_path=/nowhere"])).fidelity.enabled
+    assert validate(compose_cfg([])).model.fidelity_text.endswith("arith_gsm8k/dev.jsonl")  # the tiny Llama's own
+
+
+def test_documents_of_a_txt_are_its_paragraphs_and_of_a_jsonl_its_objects(tmp_path):
+    txt = tmp_path / "t.txt"
+    txt.write_text("one\nline two\n\n\nthree\n")
+    assert list(fidelity.documents(txt)) == ["one\nline two", "three"]
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"text": "a"}\n\n{"question": "1+1?", "answer": "2"}\n')
+    assert list(fidelity.documents(jsonl)) == ["a", "Question: 1+1?\nAnswer: 2"]

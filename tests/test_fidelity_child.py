@@ -35,17 +35,23 @@ def child(mode: str, tmp: Path, name: str, **req) -> dict:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return json.loads(Path(req["summary"]).read_text()) if mode == "compare" else {}
+    return json.loads(Path(req["summary"]).read_text()) if req.get("model") else {}
 
 
-def against(tmp: Path, base: Path, model: str, name: str, top_k: int = 384) -> tuple[dict, list]:
+def against(
+    tmp: Path, base: Path, model: str, name: str, top_k: int = 384, make_base: bool = False
+) -> tuple[dict, list]:
+    """``model`` against the base's store; ``make_base``: the store made first, in the same
+    process (the pipeline's ``run`` mode)."""
     out = tmp / f"{name}.npz"
     s = child(
-        "compare",
+        "run" if make_base else "compare",
         tmp,
         name,
         model=model,
         base=str(base),
+        base_model=asset("tiny_llama"),
+        make_base=make_base,
         top_k=top_k,
         out=str(out),
         summary=str(tmp / f"{name}-summary.json"),
@@ -68,8 +74,7 @@ def damaged_copy(tmp: Path) -> str:
 
 def test_identical_rtn_and_damaged_checkpoints_against_the_base(tmp_path):
     base = tmp_path / "base.npz"
-    child("base", tmp_path, "base", model=asset("tiny_llama"), top_k=384, base=str(base))
-    same, _ = against(tmp_path, base, asset("tiny_llama"), "same")
+    same, _ = against(tmp_path, base, asset("tiny_llama"), "same", make_base=True)
     assert same["exact"] and same["positions"] == 32 * 128
     assert same["kld_mean"]["value"] == 0 and same["kld_max"]["value"] == 0 and same["same_top"]["value"] == 1
     assert same["ln_ppl_ratio"]["value"] == 0
@@ -84,8 +89,6 @@ def test_identical_rtn_and_damaged_checkpoints_against_the_base(tmp_path):
     assert t.low > 0 and t.p < 0.05, t
 
     # the top-16 store: never above the exact divergence, and how far below it is measured here
-    top16 = tmp_path / "top16.npz"
-    child("base", tmp_path, "base16", model=asset("tiny_llama"), top_k=16, base=str(top16))
-    approx, _ = against(tmp_path, top16, rec["checkpoint"], "rtn16", top_k=16)
+    approx, _ = against(tmp_path, tmp_path / "top16.npz", rec["checkpoint"], "rtn16", top_k=16, make_base=True)
     assert not approx["exact"] and approx["kld_mean"]["value"] <= rtn["kld_mean"]["value"]
     print(f"top-16 mean KLD {approx['kld_mean']['value']:.6f} vs exact {rtn['kld_mean']['value']:.6f}")

@@ -205,3 +205,16 @@ def table_rows(out: str) -> list[str]:
     start = next(i for i, line in enumerate(lines) if line.startswith("check ")) + 2
     end = next(i for i, line in enumerate(lines) if line.startswith("gpu-check:"))
     return [line for line in lines[start:end] if line.strip()]
+
+
+def test_the_gpu_checks_fidelity_against_the_base_and_the_cpu_variant_leaves_it_out():
+    assert expectations(HOPPER).fidelity and not expectations(CPU_AVX2).fidelity
+    assert not any("fidelity=none" in a for inv in gpu_check.invocations(expectations(HOPPER)) for a in inv.args)
+    assert all("fidelity=none" in inv.args for inv in gpu_check.invocations(expectations(CPU_AVX2))[:2])
+    measured = SimpleNamespace(measured=True, value={"kld_mean": 0.02, "same_top": 0.97}.get, reason=None)
+    assert gpu_check.fidelity_check("r", SimpleNamespace(fidelity=measured)).ok
+    for f in (None, SimpleNamespace(measured=False, reason="no text", value=None)):
+        check = gpu_check.fidelity_check("r", SimpleNamespace(fidelity=f))
+        assert not check.ok and check.seen.startswith("not measured")
+    zero = SimpleNamespace(measured=True, value={"kld_mean": 0.0, "same_top": 1.0}.get, reason=None)
+    assert not gpu_check.fidelity_check("r", SimpleNamespace(fidelity=zero)).ok  # the base itself, not a checkpoint

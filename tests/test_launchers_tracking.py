@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, paths_args, records, start_mlflow_server, stop_mlflow_server
+from tests.support import NO_FIDELITY, ROOT, paths_args, records, start_mlflow_server, stop_mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +97,7 @@ def test_runs_are_logged_over_http_to_a_real_mlflow_server(tmp_path, mlflow_serv
     url, artifacts = mlflow_server
     work = tmp_path / "work"
     work.mkdir()
-    args = ["tracking=server", f"tracking.uri={url}", *QUICK]
+    args = ["tracking=server", f"tracking.uri={url}", *QUICK, NO_FIDELITY]
     args += [f"paths.results={work / 'results'}", f"paths.work={work / 'out'}"]
     args += [a for a in paths_args(work) if a.startswith("paths.checkpoints=")]  # the session's checkpoints
     run(work, args)

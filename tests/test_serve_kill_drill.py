@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, wait_no_serve_processes
+from tests.support import NO_FIDELITY, ROOT, wait_no_serve_processes
 from tests.support import VLLM_MARKS as vllm_marks
 
 pytestmark = vllm_marks
@@ -23,7 +23,7 @@ pytestmark = vllm_marks
 
 def start(work: Path) -> tuple[subprocess.Popen, list[str]]:
     argv = [sys.executable, str(ROOT / "run.py"), "serve=vllm_server", "method=none", "eval.limit=200"]
-    argv += ["tracking.enabled=false", "report.readme=null", f"paths.results={work / 'results'}"]
+    argv += ["tracking.enabled=false", "report.readme=null", f"paths.results={work / 'results'}", NO_FIDELITY]
     argv += [f"paths.work={work / 'work'}"]
     proc = subprocess.Popen(argv, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []

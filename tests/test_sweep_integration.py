@@ -43,7 +43,8 @@ README = "# notes\n\nkeep  this\n\n<!-- results:begin -->\n<!-- results:end -->\
 
 
 def run_sweep(workdir: Path, extra: list[str] = ()) -> subprocess.CompletedProcess:
-    args = [sys.executable, str(ROOT / "run.py"), *SWEEP, *extra, *paths_args(workdir)]
+    # the fidelity stage on, as a user's sweep has it (the suite's other modules leave it out)
+    args = [sys.executable, str(ROOT / "run.py"), *SWEEP, *extra, *paths_args(workdir, fidelity=True)]
     proc = subprocess.run(args, cwd=workdir, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -97,6 +98,49 @@ def test_sweep_yields_base_rtn_and_autoround_runs_in_mlflow(sweep):
         if tags["method"] != "none":
             assert "checkpoint/recipe.yaml" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
             assert run.data.metrics["quant/oneshot_seconds"] > 0 and run.data.metrics["checkpoint/size_mb"] > 0
+
+
+QUANTIZED = sorted(EXPECTED - {"tiny_llama-base"})
+
+
+def test_each_quantized_run_is_compared_with_its_base_whose_distributions_are_computed_once(sweep):
+    workdir, proc = sweep
+    recs = records(workdir)
+    # the base job stores the base's distributions; the three quantized jobs compare with them
+    assert proc.stdout.count("the base's distributions stored") == 1, proc.stdout[-3000:]
+    (base,) = (workdir / "work" / "fidelity").glob("base-*.npz")
+    assert recs["tiny_llama-base"]["fidelity"] is None and "fidelity" in recs["tiny_llama-base"]["stages"]
+    client, runs = mlflow_runs(workdir)
+    logged = {r.data.tags["run_key"]: r for r in runs}
+    for name in QUANTIZED:
+        rec = recs[name]
+        f = rec["fidelity"]
+        assert f["measured"] and f["exact"] and f["base"] == str(base) and f["backend"] == "hf float32 (cpu)"
+        assert (f["chunks"], f["positions"], f["vocab"]) == (32, 32 * 128, 384)
+        assert f["settings"]["text"].endswith("arith_gsm8k/dev.jsonl") and f["settings"]["top_k"] == 512
+        kld, same = f["figures"]["kld_mean"], f["figures"]["same_top"]
+        assert 0 < kld["low"] <= kld["value"] <= kld["high"] and 0.5 < same["value"] < 1, (name, f["figures"])
+        value = {k: v["value"] for k, v in f["figures"].items()}
+        assert value["kld_max"] >= value["kld_p99"] >= value["kld_median"]
+        assert Path(f["per_position"]).is_file() and "fidelity" in rec["stages"]
+        metrics = logged[rec["key"]].data.metrics
+        assert metrics["fidelity/kld_mean"] == kld["value"] and metrics["fidelity/kld_mean_low"] == kld["low"]
+        assert "fidelity/same_top" in metrics and "time/fidelity_s" in metrics
+        assert logged[rec["key"]].data.tags["fidelity"].startswith("4096 positions of dev.jsonl")
+
+
+def test_the_report_shows_kld_against_the_base_and_autoround_paired_with_rtn(sweep):
+    workdir, _ = sweep
+    report = (workdir / "results" / "report.md").read_text()
+    assert "Fidelity against the base: Against the unquantized model on 4096 positions of `dev.jsonl`" in report
+    table = report[report.index("Fidelity against the base") :].split("####")[0]
+    rows = {ln.split("|")[1].strip(): ln for ln in table.splitlines() if ln.startswith("| W4A16 ")}
+    assert set(rows) == {"W4A16 RTN", "W4A16 AutoRound iters=0", "W4A16 AutoRound iters=16"}, table
+    for label in ("W4A16 AutoRound iters=0", "W4A16 AutoRound iters=16"):
+        vs_rtn = [c.strip() for c in rows[label].split("|")][-2]  # Δ mean KLD vs RTN, on the same positions
+        assert re.fullmatch(r"[+-]0\.\d{4} \[[+-]0\.\d{4}, [+-]0\.\d{4}\] p=\S+ (lower|higher|noise)", vs_rtn), vs_rtn
+    block = (workdir / "README.md").read_text()
+    assert "KLD vs base" in block and "same top" in block
 
 
 def test_output_says_which_backend_scored_each_run(sweep):
@@ -215,7 +259,14 @@ def test_sweep_end_regenerates_the_report_and_the_readme_block(sweep):
         assert heading in readme
     # the README-vs-runs check, on the runs this sweep stored: every number in the block is a record's
     block = readme.split("<!-- results:begin -->", 1)[1].split("<!-- results:end -->", 1)[0]
-    assert check_block_against_records(block, runs.from_store(workdir / "results")) >= 4 * 2 + 4
+    loaded = runs.from_store(workdir / "results")
+    assert check_block_against_records(block, loaded) >= 4 * 2 + 4
+    # the KLD column is checked too: a mean KLD that is not the record's fails the check
+    kld = records(workdir)["tiny_llama-w4a16-autoround-iters16"]["fidelity"]["figures"]["kld_mean"]["value"]
+    (line,) = [ln for ln in block.splitlines() if ln.startswith("| W4A16 AutoRound iters=16 ")]
+    assert f" {kld:.4f} |" in line
+    with pytest.raises(AssertionError, match="KLD vs base"):
+        check_block_against_records(block.replace(line, line.replace(f" {kld:.4f} |", f" {kld + 0.001:.4f} |")), loaded)
     (plot,) = (workdir / "results" / "plots").glob("*.png")
     assert f"(results/plots/{plot.name})" in readme and plot.read_bytes().startswith(b"\x89PNG")
     assert (workdir / "results" / "report.md").is_file() and "report: 4 runs" in proc.stdout
@@ -337,3 +388,23 @@ def test_what_the_mlflow_ui_shows_through_its_rest_api(sweep):
 
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=60)
+
+
+def test_other_fidelity_settings_measure_the_stored_runs_anew_and_keep_their_scores(sweep):
+    """The sweep again with another chunk length: the accuracy runs are reused, each quantized
+    run is compared with the base's distributions under the new settings (computed once more),
+    and its MLflow run gets the new figures."""
+    workdir, _ = sweep
+    before = records(workdir)
+    proc = run_sweep(workdir, ["fidelity.seqlen=64"])
+    assert proc.stdout.count("comparing the stored run's checkpoint with its base") == 3, proc.stdout[-3000:]
+    assert proc.stdout.count("the base's distributions stored") == 1
+    assert len(list((workdir / "work" / "fidelity").glob("base-*.npz"))) == 2
+    after = records(workdir)
+    _, runs = mlflow_runs(workdir)
+    logged = {r.data.tags["run_key"]: r.data.metrics for r in runs}
+    for name in QUANTIZED:
+        f = after[name]["fidelity"]
+        assert after[name]["metrics"] == before[name]["metrics"] and after[name]["key"] == before[name]["key"]
+        assert f["settings"]["seqlen"] == 64 and f["chunks"] == 64
+        assert logged[after[name]["key"]]["fidelity/kld_mean"] == f["figures"]["kld_mean"]["value"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from autoround_exp.vllm_server import free_port
-from tests.support import ROOT, paths_args, start_mlflow_server, stop_mlflow_server
+from tests.support import NO_FIDELITY, ROOT, paths_args, start_mlflow_server, stop_mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ def test_a_server_stopped_mid_sweep_loses_nothing_and_sync_logs_once(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     argv = [sys.executable, str(ROOT / "run.py"), "-m", "scheme=w8a8,w4a16", "method=rtn", "baselines=false"]
-    argv += ["serve=hf", "eval.limit=4", "report.readme=null", "tracking=server", f"tracking.uri={url}"]
+    argv += ["serve=hf", "eval.limit=4", "report.readme=null", "tracking=server", f"tracking.uri={url}", NO_FIDELITY]
     argv += [f"paths.results={work / 'results'}", f"paths.work={work / 'out'}"]
     argv += [a for a in paths_args(work) if a.startswith("paths.checkpoints=")]  # the session's checkpoints
     proc = subprocess.Popen(argv, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

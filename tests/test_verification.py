@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from autoround_exp import verify
-from tests.support import ROOT, SMALL_CALIB, paths_args
+from tests.support import NO_FIDELITY, ROOT, SMALL_CALIB, paths_args
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ SMALL = [*SMALL_CALIB, "serve=hf", "eval.limit=4", "baselines=false"]
 def run_py(work: Path, *args: str, shared: bool = False) -> subprocess.CompletedProcess:
     """run.py with its checkpoints in ``work``, or with ``shared`` in the session's folder (a
     checkpoint this test reads, not one it must see made)."""
-    argv = [sys.executable, str(ROOT / "run.py"), *args, "tracking.enabled=false", "report.readme=null"]
+    argv = [sys.executable, str(ROOT / "run.py"), *args, "tracking.enabled=false", "report.readme=null", NO_FIDELITY]
     argv += [f"paths.results={work / 'results'}", f"paths.work={work / 'work'}"]
     argv += [a for a in paths_args(work, share_checkpoints=shared) if a.startswith("paths.checkpoints=")]
     return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1800)

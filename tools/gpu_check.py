@@ -113,6 +113,9 @@ class Expectations:
     vlm_lm_eval_model: str
     vlm_batch_size: str
     gpu_memory: bool  # compare nvidia-smi's memory.used before and after
+    # the fidelity stage on the GPU (KL against the base of each quantized text run); the CPU
+    # variant leaves it out: tests/test_sweep_integration.py runs it on CPU, and CI time is short
+    fidelity: bool = False
 
 
 # vLLM 0.32's weight-only kernels for W4A4 NVFP4 checkpoints below compute capability 10.0
@@ -151,7 +154,9 @@ def expectations(facts: Facts) -> Expectations:
             nvfp4 = Serving("vllm", KernelRule("NVFP4", refused=("Marlin", "Humming", "W4A16", "Emulation")))
         w4a16 = Serving("vllm", KernelRule("CompressedTensorsWNA16", CUDA_WNA16))
     serving = {"nvfp4": nvfp4, "w4a16": w4a16}
-    return Expectations("cuda", facts.device_name, 100, (0, ITERS), 20, serving, "vllm-vlm", "auto", gpu_memory=True)
+    return Expectations(
+        "cuda", facts.device_name, 100, (0, ITERS), 20, serving, "vllm-vlm", "auto", gpu_memory=True, fidelity=True
+    )
 
 
 # ---- what runs ---------------------------------------------------------------------------
@@ -167,13 +172,16 @@ def invocations(exp: Expectations) -> list[Invocation]:
     """The run.py calls: fewest runs that cover every check. The sweep's jobs bring the base
     and RTN runs themselves (pipeline.baselines_of)."""
     iters = ",".join(map(str, exp.iters))
+    fidelity = () if exp.fidelity else ("fidelity=none",)
     return [
         Invocation(
             "text sweep",
             ("-m", "model=tiny_llama", "scheme=nvfp4,w4a16", "method=autoround", f"iters={iters}", *SMALL_CALIB)
-            + ("serve=auto", f"eval.limit={exp.limit}"),
+            + ("serve=auto", f"eval.limit={exp.limit}", *fidelity),
         ),
-        Invocation("vllm_server", ("-m", "model=tiny_llama", "method=none", "serve=vllm_server", "eval.limit=20")),
+        Invocation(
+            "vllm_server", ("-m", "model=tiny_llama", "method=none", "serve=vllm_server", "eval.limit=20", *fidelity)
+        ),
         Invocation(
             "vision-language",
             ("-m", "model=tiny_qwen3_vl", "eval=chartqa", "scheme=nvfp4", "method=rtn", "baselines=false")
@@ -470,6 +478,19 @@ def score_check(name: str, rec, limit: int) -> Check:
     return Check(f"{name}: strict-match", f">= {MIN_STRICT} (n={limit})", seen, ok)
 
 
+def fidelity_check(name: str, rec) -> Check:
+    """KL divergence against the base measured, above 0, with top-1 agreement below 100 %."""
+    f = rec.fidelity
+    kld, same = (f.value("kld_mean"), f.value("same_top")) if f is not None and f.measured else (None, None)
+    seen = (
+        "not measured" + (f": {f.reason}" if f is not None else "")
+        if kld is None
+        else f"{kld:.4f}, same top {same:.3f}"
+    )
+    ok = kld is not None and kld > 0 and 0 < same <= 1
+    return Check(f"{name}: KLD vs base", "> 0, measured", seen, ok)
+
+
 def device_check(name: str, rec, exp: Expectations) -> Check:
     q = rec.quantization
     seen = q.device if q else "not quantized"
@@ -491,6 +512,8 @@ def text_checks(recs: list, exp: Expectations) -> list[Check]:
             checks.append(device_check(name, rec, exp))
             if rec.quantization is not None:
                 checks += verification_check(name, rec, iters, "lm_head")
+            if exp.fidelity:
+                checks.append(fidelity_check(name, rec))
         want = exp.serving[scheme] if scheme else Serving(backend, None)
         checks += serving_checks(label, rec, want, exp)
         checks.append(score_check(label, rec, exp.limit))

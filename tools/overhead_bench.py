@@ -91,6 +91,8 @@ def harness_argv(work: Path, iters: int, limit: int) -> list[str]:
         f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
         f"tracking.artifact_root={work / 'mlartifacts'}",
         "report.readme=null",
+        # the raw steps have no comparison with the base: like with like (its cost: tools.fidelity_bench)
+        "fidelity=none",
     ]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from autoround_exp.report import cost, plots, tables
+from autoround_exp.report import cost, fidelity, plots, tables
 from autoround_exp.report.runs import Row, Run, Section
 
 # A config scored by several backends shows the first of these; the others are in report.md.
@@ -145,6 +145,9 @@ class CompactSection:
         perf = any(r.first.record.perf is not None for r in self.rows)
         if perf:
             headers.append("Output tok/s (× base)")
+        fid = any(r.first.record.fidelity is not None for r in self.rows)
+        if fid:
+            headers += ["KLD vs base", "same top"]
         headers += varying
         body = []
         for i, row in enumerate(self.rows):
@@ -153,6 +156,8 @@ class CompactSection:
                 cells += list(g.cells[i])
             if perf:
                 cells.append(cost.throughput_cell(self.section, row))
+            if fid:
+                cells += [fidelity.kld_cell(row), fidelity.same_top_cell(row)]
             for name in varying:
                 if name == "Backend":
                     cells.append(row.first.config.backend + (" ⚠" if row.first.record.eval.note else ""))

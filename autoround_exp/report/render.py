@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from autoround_exp.report import cost, plots, tables
+from autoround_exp.report import cost, fidelity, plots, tables
 from autoround_exp.report.runs import Run, sections
 
 PUBLISHED = Path(__file__).with_name("published.yaml")
@@ -79,6 +79,12 @@ def render(
         parts += [f"⚠ {n}" for n in sorted(notes)]
         if (paired := tables.paired_table(section, alpha)) is not None:
             parts += ["Paired comparisons:", paired]
+        if (fid_table := fidelity.table(section, alpha)) is not None:
+            parts.append(f"Fidelity against the base: {fidelity.caption(section) or ''}")
+            if plots_dir is not None:
+                png = fidelity.plot(section, plots_dir / f"{section.slug}-fidelity.png", write_plots)
+                _image(report, parts, png, f"fidelity vs iters and vs accuracy, {section.title}", link_from)
+            parts.append(fid_table)
         if (pub_table := tables.published_table(section, pub)) is not None:
             parts += [
                 f"Ours vs **published** (upstream, [{pub['source']}]({pub['source']}); published stderr "

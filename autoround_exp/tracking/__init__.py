@@ -2,7 +2,7 @@
 per job, from its record), ``sweep`` (the sweep's parent run), ``sync`` (pending records).
 The names below are the stage's API, as callers use it."""
 
-from autoround_exp.tracking.runs import log_failure, log_or_defer, log_perf, log_run, prepare
+from autoround_exp.tracking.runs import log_added, log_failure, log_or_defer, log_run, prepare
 from autoround_exp.tracking.store import check_reachable, connect, flatten
 from autoround_exp.tracking.sweep import (
     OWNER_TAG,
@@ -27,9 +27,9 @@ __all__ = [
     "end_dead_sweeps",
     "flatten",
     "kill_sweep",
+    "log_added",
     "log_failure",
     "log_or_defer",
-    "log_perf",
     "log_run",
     "main",
     "open_sweep",

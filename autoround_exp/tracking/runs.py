@@ -121,9 +121,10 @@ def log_run(cfg: TrackingConfig, rec: RunRecord, samples: dict | None = None, fo
             )
         if rec.eval.seconds is not None:
             mlflow.log_metric("eval/seconds", rec.eval.seconds)
-        if rec.perf is not None:
-            mlflow.log_metrics(perf_metrics(rec.perf))
-            mlflow.set_tags(perf_tags(rec.perf))
+        for stage in ADDED:
+            metrics, tags = added(rec, stage)
+            mlflow.log_metrics(metrics)
+            mlflow.set_tags(tags)
         mlflow.log_table(pd.DataFrame([m.model_dump() for m in rec.table]), artifact_file="lm_eval_table.json")
         mlflow.log_text(table(rec.lm_eval), "lm_eval_table.md")
         mlflow.log_dict(rec.config, "config.yaml")
@@ -158,18 +159,49 @@ def perf_tags(perf) -> dict[str, str]:
     return {"perf": f"{perf.settings.num_prompts} x {perf.input_len}+{perf.output_len} tokens, {perf.workload}"}
 
 
-def log_perf(cfg: TrackingConfig, rec: RunRecord) -> None:
-    """A serving cost measured for a run logged earlier: onto that MLflow run."""
+def fidelity_metrics(f) -> dict[str, float]:
+    """``fidelity/<figure>`` and its bootstrap interval, ``fidelity/<figure>_low`` / ``_high``."""
+    out = {}
+    for name, fig in f.figures.items():
+        out |= {f"fidelity/{name}": fig.value, f"fidelity/{name}_low": fig.low, f"fidelity/{name}_high": fig.high}
+    return out
+
+
+def fidelity_tags(f) -> dict[str, str]:
+    if not f.measured:
+        return {"fidelity": f"not measured: {f.reason}"}
+    s = f.settings
+    exact = "exact" if f.exact else f"top {s.top_k} of {f.vocab} + tail"
+    return {"fidelity": f"{f.positions} positions of {Path(s.text).name} in chunks of {s.seqlen}, {exact}, {f.backend}"}
+
+
+# the stages whose figures a stored run may gain later (a re-run with other settings)
+ADDED = ("fidelity", "perf")
+
+
+def added(rec: RunRecord, stage: str) -> tuple[dict[str, float], dict[str, str]]:
+    """The MLflow metrics and tags of ``stage``'s part of the record (nothing where it has none)."""
+    part = getattr(rec, stage)
+    if part is None:
+        return {}, {}
+    if stage == "perf":
+        return perf_metrics(part), perf_tags(part)
+    return fidelity_metrics(part), fidelity_tags(part)
+
+
+def log_added(cfg: TrackingConfig, rec: RunRecord, stage: str) -> None:
+    """A stage measured for a run logged earlier (``perf``, ``fidelity``): onto that MLflow run."""
     import mlflow
 
     connect(mlflow, cfg)
     client = mlflow.MlflowClient()
-    for name, value in perf_metrics(rec.perf).items():
+    metrics, tags = added(rec, stage)
+    for name, value in metrics.items():
         client.log_metric(rec.mlflow_run_id, name, value)
-    for name, value in perf_tags(rec.perf).items():
+    for name, value in tags.items():
         client.set_tag(rec.mlflow_run_id, name, value)
-    if "perf" in rec.stages:
-        client.log_metric(rec.mlflow_run_id, "time/perf_s", rec.stages["perf"])
+    if stage in rec.stages:
+        client.log_metric(rec.mlflow_run_id, f"time/{stage}_s", rec.stages[stage])
 
 
 def prepare(cfg: TrackingConfig) -> threading.Thread:
