@@ -91,6 +91,7 @@ def _child(
     req = settings.model_dump(include={"text", "seqlen", "max_tokens", "top_k"}) | {
         "text": str(Path(settings.text).expanduser()),
         "base_model": exp.model.path,
+        "dtype": exp.model.dtype,
         "base_revision": exp.model.revision if not Path(exp.model.path).expanduser().exists() else None,
         "base": str(base),
         "make_base": make_base,

@@ -7,6 +7,7 @@ import pytest
 
 from autoround_exp import pipeline
 from autoround_exp.evaluate import EvalResult
+from autoround_exp.fidelity import Fidelity
 from autoround_exp.record import Bos, Quantization
 from tests.support import SHARED_CHECKPOINTS, compose_cfg, gpu_available
 
@@ -42,22 +43,24 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 # pytest-xdist's workers (--dist loadfile: a module's fixtures stay on one worker) end together
 # rather than one of them starting an eight-minute module when the other is done.
 SLOWEST_FIRST = (
-    "test_vlm_integration.py",
-    "test_vllm_integration.py",
-    "test_perf.py",
-    "test_gpu_check.py",
     "test_sweep_integration.py",
+    "test_perf.py",
+    "test_vllm_integration.py",
+    "test_vlm_integration.py",
+    "test_gpu_check.py",
     "test_autoround_paths.py",
-    "test_kill_drill.py",
-    "test_serve_kill_drill.py",
-    "test_launchers_tracking.py",
     "test_methods.py",
+    "test_kill_drill.py",
+    "test_launchers_tracking.py",
     "test_verification.py",
     "test_tracking_outage.py",
+    "test_serve_kill_drill.py",
     "test_progress.py",
-    "test_tiny_builds.py",
     "test_fidelity_child.py",
     "test_failure_isolation.py",
+    "test_tiny_builds.py",
+    "test_cli.py",
+    "test_config.py",
 )
 
 
@@ -123,4 +126,12 @@ def calls(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "quantize", fake_quantize)
     monkeypatch.setattr(pipeline, "evaluate", fake_evaluate)
     monkeypatch.setattr(pipeline, "prestart", lambda *a: None)  # no lm-eval child to start ahead
+
+    def fake_fidelity(exp, checkpoint, key, logs):
+        seen.append(("fidelity", exp.method.name))
+        if not exp.quantized:
+            return None
+        return Fidelity(settings=pipeline.fidelity_stage.settings_of(exp), measured=False, reason="stand-in")
+
+    monkeypatch.setattr(pipeline.fidelity_stage, "measure", fake_fidelity)
     return seen

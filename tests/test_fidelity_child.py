@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from autoround_exp import fidelity
 from autoround_exp.assets import asset
-from tests.support import ROOT, records, run_py
+from tests.support import ROOT, SMALL_CALIB, records, run_py
 
 pytestmark = pytest.mark.slow
 
@@ -79,9 +79,14 @@ def test_identical_rtn_and_damaged_checkpoints_against_the_base(tmp_path):
     assert same["kld_mean"]["value"] == 0 and same["kld_max"]["value"] == 0 and same["same_top"]["value"] == 1
     assert same["ln_ppl_ratio"]["value"] == 0
 
-    run_py(tmp_path, "method=rtn", "scheme=w4a16", "baselines=false", "serve=hf", "eval.limit=2", "report.readme=null")
-    (rec,) = records(tmp_path).values()
+    # the session's RTN checkpoints: W4A16, and NVFP4 (W4A4: its compressed layers run in bfloat16 only)
+    args = ["-m", "method=rtn", "scheme=w4a16,nvfp4", "baselines=false", "serve=hf", "eval.limit=2", *SMALL_CALIB]
+    run_py(tmp_path, *args, "report.readme=null")
+    recs = records(tmp_path)
+    rec = recs["tiny_llama-w4a16-rtn"]
     rtn, rtn_pos = against(tmp_path, base, rec["checkpoint"], "rtn")
+    nvfp4, _ = against(tmp_path, base, recs["tiny_llama-nvfp4-rtn"]["checkpoint"], "nvfp4")
+    assert nvfp4["kld_mean"]["value"] > 0 and nvfp4["same_top"]["value"] < 1 and nvfp4["dtype"] == "bfloat16 (cpu)"
     damaged, damaged_pos = against(tmp_path, base, damaged_copy(tmp_path), "damaged")
     assert 0 < rtn["kld_mean"]["value"] < damaged["kld_mean"]["value"]
     assert rtn["same_top"]["value"] > damaged["same_top"]["value"]

@@ -16,23 +16,27 @@ def test_baselines_first_then_reused(tmp_path, calls):
     assert [o.status for o in out] == ["done", "done", "done"]
     assert calls == [
         ("evaluate", "none"),
+        ("fidelity", "none"),  # the base's distributions, once, for the quantized jobs after it
         ("quantize", "rtn"),
         ("evaluate", "rtn"),
+        ("fidelity", "rtn"),
         ("quantize", "autoround"),
         ("evaluate", "autoround"),
+        ("fidelity", "autoround"),
     ]
     calls.clear()
     out = pipeline.run_experiment(experiment(tmp_path, "iters=200"), "s1")
     assert [o.status for o in out] == ["reused", "reused", "done"]
     assert json.loads(Path(out[0].record_path).read_text())["method"] == "none"  # the reused record itself
-    assert calls == [("quantize", "autoround"), ("evaluate", "autoround")]
+    assert calls == [("quantize", "autoround"), ("evaluate", "autoround"), ("fidelity", "autoround")]
 
 
 def test_force_recomputes(tmp_path, calls):
     pipeline.run_experiment(experiment(tmp_path, "baselines=false"), "s1")
     calls.clear()
     out = pipeline.run_experiment(experiment(tmp_path, "baselines=false", "force=true"), "s2")
-    assert [o.status for o in out] == ["done"] and calls == [("quantize", "autoround"), ("evaluate", "autoround")]
+    assert [o.status for o in out] == ["done"]
+    assert calls == [("quantize", "autoround"), ("evaluate", "autoround"), ("fidelity", "autoround")]
 
 
 def test_record_holds_metrics_with_stderr_and_versions(tmp_path, calls):

@@ -115,7 +115,7 @@ def test_each_quantized_run_is_compared_with_its_base_whose_distributions_are_co
     for name in QUANTIZED:
         rec = recs[name]
         f = rec["fidelity"]
-        assert f["measured"] and f["exact"] and f["base"] == str(base) and f["backend"] == "hf float32 (cpu)"
+        assert f["measured"] and f["exact"] and f["base"] == str(base) and f["backend"] == "hf bfloat16 (cpu)"
         assert (f["chunks"], f["positions"], f["vocab"]) == (32, 32 * 128, 384)
         assert f["settings"]["text"].endswith("arith_gsm8k/dev.jsonl") and f["settings"]["top_k"] == 512
         kld, same = f["figures"]["kld_mean"], f["figures"]["same_top"]
@@ -204,16 +204,31 @@ def test_the_sweep_is_one_parent_run_with_its_jobs_nested_and_its_results_on_it(
         assert span >= sum(stages.values()) - 1, (run.info.run_name, span, stages)
 
 
-def test_rerun_reuses_every_finished_run(sweep):
+def test_rerun_reuses_every_finished_run_and_other_fidelity_settings_measure_them_anew(sweep):
+    """The sweep again, with another fidelity chunk length: every accuracy run is reused, and
+    each quantized run is compared with the base's distributions under the new settings
+    (computed once more); its record and its MLflow run get the new figures."""
     workdir, _ = sweep
+    before_recs = records(workdir)
     before = {r.info.run_id for r in mlflow_runs(workdir)[1]}
-    proc = run_sweep(workdir)
+    proc = run_sweep(workdir, ["fidelity.seqlen=64"])
     assert proc.stdout.count("[reused]") == 6 and "[done]" not in proc.stdout  # 2 jobs x (base, rtn, self)
     assert {r.info.run_id for r in mlflow_runs(workdir)[1]} == before
     # the re-run is a sweep of its own in MLflow, linking the runs it reused instead of logging them again
     _, parents = sweep_runs(workdir)
     assert len(parents) == 2 and parents[1].data.metrics["sweep/reused_runs"] == 4
     assert set(parents[1].data.tags["reused_run_ids"].split(",")) == before
+
+    assert proc.stdout.count("comparing the stored run's checkpoint with its base") == 3, proc.stdout[-3000:]
+    assert proc.stdout.count("the base's distributions stored") == 1
+    assert len(list((workdir / "work" / "fidelity").glob("base-*.npz"))) == 2
+    after = records(workdir)
+    logged = {r.data.tags["run_key"]: r.data.metrics for r in mlflow_runs(workdir)[1]}
+    for name in QUANTIZED:
+        f = after[name]["fidelity"]
+        assert after[name]["metrics"] == before_recs[name]["metrics"] and after[name]["key"] == before_recs[name]["key"]
+        assert f["settings"]["seqlen"] == 64 and f["chunks"] == 64
+        assert logged[after[name]["key"]]["fidelity/kld_mean"] == f["figures"]["kld_mean"]["value"]
 
 
 def report_cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -267,8 +282,11 @@ def test_sweep_end_regenerates_the_report_and_the_readme_block(sweep):
     assert f" {kld:.4f} |" in line
     with pytest.raises(AssertionError, match="KLD vs base"):
         check_block_against_records(block.replace(line, line.replace(f" {kld:.4f} |", f" {kld + 0.001:.4f} |")), loaded)
-    (plot,) = (workdir / "results" / "plots").glob("*.png")
+    (plot,) = [p for p in (workdir / "results" / "plots").glob("*.png") if not p.stem.endswith("-fidelity")]
     assert f"(results/plots/{plot.name})" in readme and plot.read_bytes().startswith(b"\x89PNG")
+    # the full report's fidelity figure: KLD against iters, and against accuracy
+    fidelity_plot = plot.with_name(plot.stem + "-fidelity.png")
+    assert fidelity_plot.read_bytes().startswith(b"\x89PNG") and f"(plots/{fidelity_plot.name})" in report
     assert (workdir / "results" / "report.md").is_file() and "report: 4 runs" in proc.stdout
 
     import mlflow
@@ -388,23 +406,3 @@ def test_what_the_mlflow_ui_shows_through_its_rest_api(sweep):
 
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=60)
-
-
-def test_other_fidelity_settings_measure_the_stored_runs_anew_and_keep_their_scores(sweep):
-    """The sweep again with another chunk length: the accuracy runs are reused, each quantized
-    run is compared with the base's distributions under the new settings (computed once more),
-    and its MLflow run gets the new figures."""
-    workdir, _ = sweep
-    before = records(workdir)
-    proc = run_sweep(workdir, ["fidelity.seqlen=64"])
-    assert proc.stdout.count("comparing the stored run's checkpoint with its base") == 3, proc.stdout[-3000:]
-    assert proc.stdout.count("the base's distributions stored") == 1
-    assert len(list((workdir / "work" / "fidelity").glob("base-*.npz"))) == 2
-    after = records(workdir)
-    _, runs = mlflow_runs(workdir)
-    logged = {r.data.tags["run_key"]: r.data.metrics for r in runs}
-    for name in QUANTIZED:
-        f = after[name]["fidelity"]
-        assert after[name]["metrics"] == before[name]["metrics"] and after[name]["key"] == before[name]["key"]
-        assert f["settings"]["seqlen"] == 64 and f["chunks"] == 64
-        assert logged[after[name]["key"]]["fidelity/kld_mean"] == f["figures"]["kld_mean"]["value"]

@@ -202,6 +202,8 @@ def log_added(cfg: TrackingConfig, rec: RunRecord, stage: str) -> None:
         client.set_tag(rec.mlflow_run_id, name, value)
     if stage in rec.stages:
         client.log_metric(rec.mlflow_run_id, f"time/{stage}_s", rec.stages[stage])
+    # the record a report from MLflow reads (`report --mlflow`), replaced by the one that has the stage
+    client.log_dict(rec.mlflow_run_id, json.loads(rec.model_dump_json()), "record.json")
 
 
 def prepare(cfg: TrackingConfig) -> threading.Thread:
