@@ -207,17 +207,24 @@ def with_fidelity(exp: Experiment, rec: RunRecord, results: store.Store) -> RunR
     if rec.fidelity is not None and rec.fidelity.settings == settings:
         return rec
     print(f"[fidelity] {rec.name} key={rec.key}: comparing the stored run's checkpoint with its base", flush=True)
+    logs = Path(exp.paths.work).resolve() / "logs" / rec.key
+    return _add_stage(
+        exp, rec, results, "fidelity", "fidelity", lambda: fidelity_stage.measure(exp, rec.checkpoint, rec.key, logs)
+    )
+
+
+def _add_stage(exp: Experiment, rec: RunRecord, results: store.Store, field: str, what: str, measure) -> RunRecord:
+    """``measure()`` into a stored run's ``field``, timed as its stage; stored, and logged onto
+    its MLflow run. A failure raises ``StageFailed`` and leaves the stored run as it was."""
     t = time.perf_counter()
     try:
-        measured = fidelity_stage.measure(
-            exp, rec.checkpoint, rec.key, Path(exp.paths.work).resolve() / "logs" / rec.key
-        )
+        measured = measure()
     except Exception as err:
-        raise StageFailed(f"fidelity: {err}") from err
-    stages = {**rec.stages, "fidelity": round(time.perf_counter() - t, 3)}
-    rec = rec.model_copy(update={"fidelity": measured, "stages": stages})
+        raise StageFailed(f"{what}: {err}") from err
+    stages = {**rec.stages, field: round(time.perf_counter() - t, 3)}
+    rec = rec.model_copy(update={field: measured, "stages": stages})
     results.save(rec)
-    _log_added(exp, rec, "fidelity")
+    _log_added(exp, rec, field)
     return rec
 
 
@@ -242,16 +249,14 @@ def with_perf(exp: Experiment, rec: RunRecord, results: store.Store) -> RunRecor
     print(f"[perf] {rec.name} key={rec.key}: measuring the serving cost of the stored run{again}", flush=True)
     work = Path(exp.paths.work).resolve()
     samples = [p for p in rec.artifacts.get("lm_eval", []) if Path(p).name.startswith("samples_")]
-    t = time.perf_counter()
-    try:
-        measured = serving_cost.measure(exp, rec.checkpoint, samples, work / "perf" / rec.key, work / "logs" / rec.key)
-    except Exception as err:
-        raise StageFailed(f"serving benchmark: {err}") from err
-    stages = {**rec.stages, "perf": round(time.perf_counter() - t, 3)}
-    rec = rec.model_copy(update={"perf": measured, "stages": stages})
-    results.save(rec)
-    _log_added(exp, rec, "perf")
-    return rec
+    return _add_stage(
+        exp,
+        rec,
+        results,
+        "perf",
+        "serving benchmark",
+        lambda: serving_cost.measure(exp, rec.checkpoint, samples, work / "perf" / rec.key, work / "logs" / rec.key),
+    )
 
 
 def record_failure(
