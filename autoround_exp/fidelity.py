@@ -141,6 +141,24 @@ def compare(base: BaseChunk, quant_logprobs: np.ndarray, targets: np.ndarray) ->
     )
 
 
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """``arrays`` as an .npz at ``path``, which appears only complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, **arrays)
+    partial.replace(path)
+
+
+def save_positions(path: Path, chunks: list[Positions]) -> None:
+    """Each figure stacked over the chunks: the per-position file of a run (paired tests)."""
+    save_npz(path, **{f: np.stack([getattr(c, f) for c in chunks]) for f in Positions.__dataclass_fields__})
+
+
+def load_positions(path: Path) -> list[Positions]:
+    with np.load(path) as z:
+        return [Positions(*(z[f][i] for f in Positions.__dataclass_fields__)) for i in range(len(z["kld"]))]
+
+
 @dataclass(frozen=True)
 class Estimate:
     value: float

@@ -88,11 +88,8 @@ def base(req: dict) -> None:
     tok, model = load(req["model"], req.get("revision"), req.get("dtype"))
     ids = chunks_of(tok, Path(req["text"]), req["seqlen"], req["max_tokens"])
     stored = [fidelity.base_chunk(lp, targets, req["top_k"]) for lp, targets in log_probs(model, ids)]
-    out = Path(req["base"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_suffix(".partial.npz")
-    np.savez(
-        partial,
+    fidelity.save_npz(
+        Path(req["base"]),
         ids=ids,
         indices=np.stack([c.indices for c in stored]).astype(np.int32),
         logprobs=np.stack([c.logprobs for c in stored]).astype(np.float32),
@@ -100,7 +97,6 @@ def base(req: dict) -> None:
         vocab=np.array(model.config.vocab_size),
         dtype=np.array(str(model.dtype).removeprefix("torch.")),
     )
-    partial.replace(out)
     n = ids.shape[0] * (ids.shape[1] - 1)
     print(f"[fidelity] base: {ids.shape[0]} chunks, {n} positions, top {stored[0].k}, {time.perf_counter() - t0:.1f} s")
 
@@ -127,13 +123,7 @@ def compare(req: dict) -> None:
     positions = [
         fidelity.compare(b, lp, targets) for b, (lp, targets) in zip(stored, log_probs(model, ids), strict=True)
     ]
-    out = Path(req["out"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_suffix(".partial.npz")
-    np.savez(
-        partial, **{f: np.stack([getattr(p, f) for p in positions]) for f in fidelity.Positions.__dataclass_fields__}
-    )
-    partial.replace(out)
+    fidelity.save_positions(Path(req["out"]), positions)
     summary = {k: vars(v) for k, v in fidelity.summarize(positions).items()}
     summary |= {
         "chunks": len(positions),

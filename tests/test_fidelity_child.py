@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -56,10 +55,8 @@ def against(
         out=str(out),
         summary=str(tmp / f"{name}-summary.json"),
     )
-    with np.load(out) as z:
-        positions = [
-            fidelity.Positions(*(z[f][i] for f in fidelity.Positions.__dataclass_fields__)) for i in range(s["chunks"])
-        ]
+    positions = fidelity.load_positions(out)
+    assert len(positions) == s["chunks"]
     return s, positions
 
 

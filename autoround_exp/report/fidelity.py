@@ -55,9 +55,7 @@ def positions(row: Row) -> list[fidelity.Positions] | None:
     for f in _measured(row):
         if not f.per_position or not Path(f.per_position).is_file():
             return None
-        with np.load(f.per_position) as z:
-            fields = fidelity.Positions.__dataclass_fields__
-            out += [fidelity.Positions(*(z[name][i] for name in fields)) for i in range(len(z["kld"]))]
+        out += fidelity.load_positions(Path(f.per_position))
     return out or None
 
 
