@@ -43,6 +43,12 @@ def why_not(exp: Experiment) -> str | None:
     return None
 
 
+def positions_path(exp: Experiment, key: str) -> Path:
+    """Where the run's per-position figures go: absolute, as the record keeps it, so that a
+    report run from another folder finds them (``paths.results`` may be relative)."""
+    return store.Store(Path(exp.paths.results).resolve()).fidelity_of(key)
+
+
 def base_path(exp: Experiment, settings: FidelitySettings) -> Path:
     ident = {"base": store.model_identity(exp), "settings": settings.model_dump(exclude={"text"})}
     return Path(exp.paths.work).resolve() / "fidelity" / f"base-{digest(ident)}.npz"
@@ -78,7 +84,7 @@ def measure(exp: Experiment, checkpoint: str, key: str, logs: Path) -> Fidelity 
         exact=s["exact"],
         token_sha256=s["token_sha256"],
         figures={name: Figure(**s[name]) for name in SUMMARY},
-        per_position=str(store.Store(exp.paths.results).fidelity_of(key)),
+        per_position=str(positions_path(exp, key)),
         seconds=s["seconds"],
     )
 
@@ -96,7 +102,7 @@ def _child(
         "base": str(base),
         "make_base": make_base,
         "model": model,
-        "out": str(store.Store(exp.paths.results).fidelity_of(key)),
+        "out": str(positions_path(exp, key)),
         "summary": str(out / "summary.json"),
     }
     (out / "request.json").write_text(json.dumps(req, indent=2))

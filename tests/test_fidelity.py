@@ -143,3 +143,12 @@ def test_documents_of_a_txt_are_its_paragraphs_and_of_a_jsonl_its_objects(tmp_pa
     jsonl = tmp_path / "t.jsonl"
     jsonl.write_text('{"text": "a"}\n\n{"question": "1+1?", "answer": "2"}\n')
     assert list(fidelity.documents(jsonl)) == ["a", "Question: 1+1?\nAnswer: 2"]
+
+
+def test_the_per_position_file_is_recorded_absolute_with_a_relative_results_folder(tmp_path, monkeypatch):
+    from autoround_exp import fidelity_stage
+
+    monkeypatch.chdir(tmp_path)
+    exp = validate(compose_cfg(["paths.results=results"]))
+    path = fidelity_stage.positions_path(exp, "abc")
+    assert path.is_absolute() and path == tmp_path / "results" / "fidelity" / "abc.npz"
