@@ -292,7 +292,10 @@ def lm_eval_env(exp: Experiment) -> dict[str, str]:
     child imports ``autoround_exp.lm_eval_cli`` in any environment, from any working folder
     (the package is stdlib-only at import; the entry needs lm-eval, as ``-m lm_eval`` would)."""
     paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
-    return child_env(exp) | {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    env = child_env(exp) | {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    if exp.serve.backend == "vllm" and exp.model.vllm.in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # lm-eval's own process; never a server's
+    return env
 
 
 def command_text(argv: list[str], env: dict[str, str]) -> str:
@@ -342,7 +345,8 @@ def prestart(exp: Experiment, checkpoint: str, out_dir: Path, log_dir: Path) -> 
     if exp.serve.backend == "vllm_server":
         return None
     argv = lm_eval_argv(exp, checkpoint, out_dir / "lm_eval", _tasks(exp, out_dir))
-    imports = ",".join(["lm_eval.evaluator", "lm_eval.tasks", BACKEND_MODULES.get(lm_eval_model(exp), "")])
+    # this package's entry first: it keeps transformers from importing scikit-learn (lm_eval_cli)
+    imports = ",".join([argv[2], "lm_eval.evaluator", "lm_eval.tasks", BACKEND_MODULES.get(lm_eval_model(exp), "")])
     warm_argv = [argv[0], str(WARM), argv[2], imports, "--", *argv[3:]]
     return child.Prestarted(warm_argv, log_dir / "lm_eval.log", env=lm_eval_env(exp), command=argv)
 

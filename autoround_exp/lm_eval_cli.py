@@ -5,6 +5,9 @@ serving environment; the arguments are lm-eval's own and its results are unchang
 
 - ``vision_compat``: a vision-language model in an environment without torchvision, where
   lm-eval's ``hf-multimodal`` could not load the model's processor otherwise.
+- No scikit-learn at start-up: transformers imports it for assisted generation, which an
+  evaluation never runs (about 1.5 of an hf evaluation's 10 s of imports on 2 CPU cores).
+  lm-eval's metrics that use it (f1, mcc) still import it when they run.
 - Own tasks only: when every task named by ``--tasks`` is defined by a YAML in
   ``--include_path`` (the harness writes one per run; it includes lm-eval's stock task by
   path), lm-eval's ``TaskManager`` is built with ``include_defaults=False``. The CLI would
@@ -19,6 +22,28 @@ import functools
 import sys
 
 MULTIMODAL = ("hf-multimodal", "vllm-vlm")  # lm-eval's models that load a processor
+
+
+def without_assisted_generation_sklearn() -> None:
+    """Answer transformers' cached ``is_sklearn_available()`` with False while scikit-learn is
+    hidden (None in ``sys.modules``), then un-hide it: transformers skips its import-time
+    ``from sklearn.metrics import roc_curve``; anything else may still import scikit-learn."""
+    if "sklearn" in sys.modules:
+        return
+    sys.modules["sklearn"] = None
+    try:
+        from transformers.utils import is_sklearn_available
+
+        is_sklearn_available()
+    except ImportError:  # no transformers here: nothing to skip
+        pass
+    finally:
+        if sys.modules.get("sklearn", 0) is None:
+            del sys.modules["sklearn"]
+
+
+# at import: ``warm.py`` imports this module before lm-eval's (evaluate.prestart)
+without_assisted_generation_sklearn()
 
 
 def _option(argv: list[str], name: str) -> str | None:

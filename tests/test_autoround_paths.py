@@ -25,7 +25,7 @@ STRICT = "exact_match,strict-match"
 ITERS = 50
 LIMIT = 200
 COMMON = ["scheme=w4a16", "baselines=false", "serve=hf", f"eval.limit={LIMIT}", "report.readme=null"]
-COMMON += ["calibration.nsamples=32", "method.batch_size=4", "method.enable_torch_compile=false"]
+COMMON += ["calibration.nsamples=16", "method.batch_size=4", "method.enable_torch_compile=false"]
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +55,11 @@ def test_both_paths_wrote_compressed_tensors_checkpoints_tuned_on_the_same_token
     assert set(runs) == {("autoround", 0), ("autoround", ITERS), ("autoround_native", ITERS)}
     calib = {k: rec["calibration"] for k, (rec, _) in runs.items()}
     assert len({c["token_sha256"] for c in calib.values()}) == 1  # one set of token ids for all
-    assert all(c["nsamples"] == 32 and c["mode"] == "pack" for c in calib.values())
+    assert all(c["nsamples"] == 16 and c["mode"] == "pack" for c in calib.values())
     for rec, _ in runs.values():
         # the exact token ids that tuned it, kept with the checkpoint and matching the record
         tokens = json.loads((Path(rec["checkpoint"]) / "calibration_tokens.json").read_text())
-        assert len(tokens["input_ids"]) == 32 and {len(t) for t in tokens["input_ids"]} == {256}
+        assert len(tokens["input_ids"]) == 16 and {len(t) for t in tokens["input_ids"]} == {256}
         digest = hashlib.sha256(json.dumps(tokens["input_ids"]).encode()).hexdigest()
         assert digest == tokens["token_sha256"] == rec["calibration"]["token_sha256"]
         config = json.loads((Path(rec["checkpoint"]) / "config.json").read_text())

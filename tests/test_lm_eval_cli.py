@@ -4,6 +4,7 @@ run's own task folder defines every task asked for, and the task still loads, wi
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 
@@ -62,3 +63,17 @@ def test_the_patch_is_lm_evals_own_parameter():
     init = TaskManager.__dict__["__init__"]
     func = init.func if isinstance(init, functools.partialmethod) else init
     assert "include_defaults" in inspect.signature(func).parameters
+
+
+@pytest.mark.parametrize("python", [sys.executable, str(backend.SERVE_VENV_PYTHON)], ids=["quantize env", "serve env"])
+def test_the_entry_keeps_transformers_from_importing_sklearn_and_leaves_it_importable(python):
+    """In each environment: once the entry is imported (warm.py imports it first), transformers'
+    generation code loads without scikit-learn, and lm-eval's metrics that need it can import it."""
+    code = (
+        "import sys, autoround_exp.lm_eval_cli, transformers.generation.candidate_generator;"
+        "print('sklearn' in sys.modules); import sklearn.metrics; print('sklearn' in sys.modules)"
+    )
+    env = evaluate.lm_eval_env(validate(compose_cfg(["serve=hf"])))
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", "True"]

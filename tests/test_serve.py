@@ -153,6 +153,20 @@ def test_vllm_server_command_listens_on_loopback_with_the_same_engine(fake_platf
     assert evaluate.child_env(exp)["VLLM_CPU_KVCACHE_SPACE"] == "1"
 
 
+def test_a_small_models_vllm_engine_runs_in_lm_evals_process_and_a_servers_never(fake_platform):
+    """model.vllm.in_process (the tiny models): lm-eval's vllm backend keeps the engine in its
+    own process; `vllm serve` (evaluation or serving cost) never, since its API needs the engine apart."""
+    tiny = validate(compose_cfg(["serve=vllm", "method=none"]))
+    assert evaluate.lm_eval_env(tiny)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in evaluate.child_env(tiny)  # the server's environment
+    apart = validate(compose_cfg(["serve=vllm", "method=none", "model.vllm.in_process=false"]))
+    server = validate(compose_cfg(["serve=vllm_server", "method=none"]))
+    fake_platform["platform"] = HOPPER
+    real = validate(compose_cfg(["model=llama3_1_8b_instruct", "scheme=w8a8", "method=rtn", "serve=vllm"]))
+    for exp in (apart, server, real):
+        assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in evaluate.lm_eval_env(exp) | evaluate.child_env(exp)
+
+
 def test_hf_argv_on_cpu(fake_platform):
     argv = argv_for("serve=hf", "method=none")
     assert opt(argv, "--model") == "hf" and opt(argv, "--device") == "cpu" and opt(argv, "--batch_size") == "16"

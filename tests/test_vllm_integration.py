@@ -125,7 +125,9 @@ def test_server_that_never_gets_healthy_is_stopped_and_recorded_as_failed(tmp_pa
 
 
 def test_evaluation_past_its_timeout_is_killed_with_its_engine(tmp_path):
-    proc = run_py(tmp_path, "serve=vllm", "method=none", "eval.limit=4", "eval.timeout_s=20", check=False)
+    # the engine in processes of its own (model.vllm.in_process=false, as for real models): those die too
+    args = ["serve=vllm", "method=none", "eval.limit=4", "eval.timeout_s=20", "model.vllm.in_process=false"]
+    proc = run_py(tmp_path, *args, check=False)
     assert proc.returncode != 0 and "timed out" in proc.stdout + proc.stderr
     (failed,) = (tmp_path / "results" / "failed").glob("*.json")
     assert json.loads(failed.read_text())["logs"]
