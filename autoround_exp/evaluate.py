@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from autoround_exp import child, vllm_server
+from autoround_exp import child, fidelity_child, vllm_server
 from autoround_exp.backend import probe
 from autoround_exp.config import Experiment, data_files
 from autoround_exp.record import Bos, Evaluation
@@ -338,7 +338,9 @@ def _tasks(exp: Experiment, out_dir: Path) -> Path | None:
     return task_dir
 
 
-def prestart(exp: Experiment, checkpoint: str, out_dir: Path, log_dir: Path) -> child.Prestarted | None:
+def prestart(
+    exp: Experiment, checkpoint: str, out_dir: Path, log_dir: Path, fidelity_request: Path | None = None
+) -> child.Prestarted | None:
     """The evaluation's child, started while ``checkpoint`` is still being written: its
     interpreter and lm-eval's imports load beside the quantization, and ``evaluate(...,
     pre=)`` lets it run. None where the backend is a server (its start-up needs the checkpoint)."""
@@ -348,13 +350,26 @@ def prestart(exp: Experiment, checkpoint: str, out_dir: Path, log_dir: Path) -> 
     # this package's entry first: it keeps transformers from importing scikit-learn (lm_eval_cli)
     imports = ",".join([argv[2], "lm_eval.evaluator", "lm_eval.tasks", BACKEND_MODULES.get(lm_eval_model(exp), "")])
     warm_argv = [argv[0], str(WARM), argv[2], imports, "--", *argv[3:]]
-    return child.Prestarted(warm_argv, log_dir / "lm_eval.log", env=lm_eval_env(exp), command=argv)
+    env = lm_eval_env(exp) | fidelity_env(fidelity_request)
+    return child.Prestarted(warm_argv, log_dir / "lm_eval.log", env=env, command=argv)
+
+
+def fidelity_env(request: Path | None) -> dict[str, str]:
+    """The evaluation child's variable that names the fidelity request it runs after lm-eval
+    (``lm_eval_cli``); not in ``command.txt``, which reproduces the accuracy run."""
+    return {fidelity_child.REQUEST_ENV: str(request)} if request is not None else {}
 
 
 def evaluate(
-    exp: Experiment, checkpoint: str, out_dir: Path, log_dir: Path, pre: child.Prestarted | None = None
+    exp: Experiment,
+    checkpoint: str,
+    out_dir: Path,
+    log_dir: Path,
+    pre: child.Prestarted | None = None,
+    fidelity_request: Path | None = None,
 ) -> EvalResult:
-    """Score ``checkpoint`` with lm-eval; ``pre``: its child, prestarted for this checkpoint."""
+    """Score ``checkpoint`` with lm-eval; ``pre``: its child, prestarted for this checkpoint;
+    ``fidelity_request``: what the child computes after lm-eval (``fidelity_stage``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     platform = probe(exp.serve.python)
     bos = bos_check(exp, checkpoint)
@@ -386,7 +401,8 @@ def evaluate(
         else:
             if pre is not None:  # started for another command: not this one's
                 pre.cancel()
-            child.run(argv, log_path, exp.eval.timeout_s, what, env=lm_env, stage=stage)
+            env = lm_env | fidelity_env(fidelity_request)
+            child.run(argv, log_path, exp.eval.timeout_s, what, env=env, stage=stage)
         kernel_log = log_path
     results = sorted(lm_out.rglob("results_*.json"))
     if not results:

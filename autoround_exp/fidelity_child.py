@@ -5,12 +5,18 @@ through transformers, chunk by chunk.
     python -m autoround_exp.fidelity_child compare <request.json>   # a checkpoint against that store
     python -m autoround_exp.fidelity_child run     <request.json>   # the pipeline's: base if asked, then compare
 
+The pipeline's ``run`` also happens inside the evaluation child, after lm-eval, where that child
+is transformers' (``lm_eval_cli`` runs ``after_evaluation`` when ``REQUEST_ENV`` names a request):
+torch and transformers are loaded there already.
+
 The request (JSON): ``model`` (a folder transformers loads; a compressed-tensors checkpoint is
 decompressed on load), ``text`` (a .jsonl of ``{"question", "answer"}`` or ``{"text"}`` objects,
 or a .txt file), ``seqlen``, ``max_tokens``, ``top_k``, ``base`` (the base's .npz) and, for
 ``compare``, ``out`` (the per-position .npz) and ``summary`` (the figures, JSON). ``run`` also
-takes ``base_model`` and ``make_base`` (store the base first, in the same process) and runs
-``compare`` when ``model`` is set. A visible GPU computes both sides.
+takes ``base_model`` and ``make_base`` (store the base first, in the same process, unless it is
+stored already; under ``lock`` where given: parallel jobs make it once), runs ``compare`` when
+``model`` is set, and writes ``done`` (JSON: its seconds, whether it stored the base, the base and
+model it used) where given. A visible GPU computes both sides.
 
 Both models see the same token ids: the text is tokenized once with the base's tokenizer, each
 document begins with BOS, the stream is cut into ``seqlen``-token chunks (the last partial
@@ -20,6 +26,7 @@ before a comparison (a checkpoint of another tokenizer cannot be compared positi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -29,6 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from autoround_exp import fidelity
+from autoround_exp.fsutil import locked
+
+# the request that the evaluation child runs after lm-eval (set by the harness for the hf backend)
+REQUEST_ENV = "AUTOROUND_EXP_FIDELITY_REQUEST"
 
 
 class FidelityError(RuntimeError):
@@ -141,10 +152,34 @@ def compare(req: dict) -> None:
 
 
 def run(req: dict) -> None:
+    t0, made = time.perf_counter(), False
     if req.get("make_base"):
-        base({**req, "model": req["base_model"], "revision": req.get("base_revision")})
+        with locked(Path(req["lock"])) if req.get("lock") else contextlib.nullcontext():
+            if not Path(req["base"]).is_file():
+                base({**req, "model": req["base_model"], "revision": req.get("base_revision")})
+                made = True
     if req.get("model"):
         compare(req)
+    if req.get("done"):
+        done = {"seconds": round(time.perf_counter() - t0, 3), "made_base": made}
+        Path(req["done"]).write_text(json.dumps(done | {k: req.get(k) for k in ("base", "model")}))
+
+
+def after_evaluation(request: str) -> None:
+    """``run`` in the evaluation child, once lm-eval has written its results: the accuracy run
+    stands whatever happens here. A failure is printed and leaves no ``done``, so the harness's
+    stage runs the request again in a child of its own, which reports it."""
+    import gc
+
+    gc.collect()  # lm-eval's model, no longer referenced, goes before the next one loads
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        run(json.loads(Path(request).read_text()))
+    except Exception as e:  # noqa: BLE001 - reported, and measured again apart
+        print(f"[fidelity] in the evaluation child: {type(e).__name__}: {e}; the stage runs apart", file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:

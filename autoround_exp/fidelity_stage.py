@@ -1,5 +1,8 @@
 """The fidelity stage of a job (``fidelity=kld``): the checkpoint's next-token distributions
-against the unquantized model's on a fixed text, in a child process (``fidelity_child``).
+against the unquantized model's on a fixed text (``fidelity_child``). Where lm-eval's
+transformers backend scores the run, its evaluation child computes them right after the accuracy
+run, with torch and transformers loaded (``request_for_evaluation``); otherwise, or if that
+failed, and for a stored run measured anew, the stage runs the same request in a child of its own.
 
 The base's distributions are stored once per identity (the model's weights, the text's
 content, seqlen, max_tokens, top_k) under ``<paths.work>/fidelity/``: the sweep's base job
@@ -11,12 +14,13 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from autoround_exp import child, store
 from autoround_exp.config import Experiment
 from autoround_exp.fidelity import SUMMARY, Fidelity, FidelitySettings, Figure
-from autoround_exp.fsutil import digest, locked
+from autoround_exp.fsutil import digest
 
 TIMEOUT_S = 4 * 3600
 
@@ -54,29 +58,60 @@ def base_path(exp: Experiment, settings: FidelitySettings) -> Path:
     return Path(exp.paths.work).resolve() / "fidelity" / f"base-{digest(ident)}.npz"
 
 
-def measure(exp: Experiment, checkpoint: str, key: str, logs: Path) -> Fidelity | None:
+@dataclass
+class Measured:
+    fidelity: Fidelity | None  # None for the unquantized run (its distributions are the base)
+    # the part of the stage that ran inside the evaluation child: that stage's time includes it
+    seconds_in_evaluation: float = 0.0
+
+
+def in_evaluation(exp: Experiment) -> bool:
+    """Whether the evaluation child computes the run's fidelity: lm-eval's transformers backend
+    runs in this environment with torch and transformers loaded (a child of the stage's own
+    spends 8 of its 10 s loading them on 2 CPU cores). vLLM's backends run in the serving one."""
+    return exp.fidelity.enabled and exp.serve.backend == "hf" and why_not(exp) is None
+
+
+def request_for_evaluation(exp: Experiment, checkpoint: str, key: str) -> Path | None:
+    """The request the evaluation child runs after lm-eval (``fidelity_child.REQUEST_ENV``), any
+    earlier attempt's outcome removed; None where it does not run there."""
+    if not in_evaluation(exp):
+        return None
+    settings = settings_of(exp)
+    req = _request(exp, settings, base_path(exp, settings), checkpoint if exp.quantized else None, key)
+    for name in ("done", "summary"):
+        Path(json.loads(req.read_text())[name]).unlink(missing_ok=True)
+    return req
+
+
+def measure(exp: Experiment, checkpoint: str, key: str, logs: Path) -> Measured:
     """The run's fidelity; for the unquantized run, its distributions stored (once) and None."""
     settings = settings_of(exp)
     if (reason := why_not(exp)) is not None:
-        return None if not exp.quantized else Fidelity(settings=settings, measured=False, reason=reason)
+        return Measured(None if not exp.quantized else Fidelity(settings=settings, measured=False, reason=reason))
     base = base_path(exp, settings)
-    work = Path(exp.paths.work).resolve()
     model = checkpoint if exp.quantized else None
-    made = False
-    with locked(work / "locks" / f"fidelity-{base.stem}.lock"):  # made once, whoever asks first
-        if not base.is_file():  # and compared in the same process
-            _child(exp, settings, base, logs, make_base=True, model=model, key=key)
-            print(f"[fidelity] {exp.model.name}: the base's distributions stored, {base}", flush=True)
-            made = True
+    done = _outdir(exp, key) / "done.json"
+    info = json.loads(done.read_text()) if done.is_file() else {}
+    in_eval = info.get("base") == str(base) and info.get("model") == model  # this run's, these settings'
+    if not in_eval:
+        req = _request(exp, settings, base, model, key)
+        done.unlink(missing_ok=True)
+        log = logs / ("fidelity-base.log" if model is None else "fidelity.log")
+        argv = [sys.executable, "-m", "autoround_exp.fidelity_child", "run", str(req)]
+        child.run(argv, log, TIMEOUT_S, "fidelity", stage="fidelity")
+        info = json.loads(done.read_text())
+    if info["made_base"]:
+        print(f"[fidelity] {exp.model.name}: the base's distributions stored, {base}", flush=True)
+    seconds = info["seconds"] if in_eval else 0.0
     if not exp.quantized:
-        return None
-    if not made:
-        _child(exp, settings, base, logs, make_base=False, model=model, key=key)
-    s = json.loads((work / "fidelity" / key / "summary.json").read_text())
-    return Fidelity(
+        return Measured(None, seconds)
+    s = json.loads((_outdir(exp, key) / "summary.json").read_text())
+    where = ", in the evaluation child" if in_eval else ""
+    fid = Fidelity(
         settings=settings,
         measured=True,
-        backend=f"hf {s['dtype']}",
+        backend=f"hf {s['dtype']}{where}",
         base=str(base),
         chunks=s["chunks"],
         positions=s["positions"],
@@ -87,12 +122,17 @@ def measure(exp: Experiment, checkpoint: str, key: str, logs: Path) -> Fidelity 
         per_position=str(positions_path(exp, key)),
         seconds=s["seconds"],
     )
+    return Measured(fid, seconds)
 
 
-def _child(
-    exp: Experiment, settings: FidelitySettings, base: Path, logs: Path, make_base: bool, model: str | None, key: str
-) -> None:
-    out = Path(exp.paths.work).resolve() / "fidelity" / key
+def _outdir(exp: Experiment, key: str) -> Path:
+    return Path(exp.paths.work).resolve() / "fidelity" / key
+
+
+def _request(exp: Experiment, settings: FidelitySettings, base: Path, model: str | None, key: str) -> Path:
+    """The child's request, written: the base stored unless it is (under a lock: parallel jobs
+    make it once), then ``model`` compared with it."""
+    out = _outdir(exp, key)
     out.mkdir(parents=True, exist_ok=True)
     req = settings.model_dump(include={"text", "seqlen", "max_tokens", "top_k"}) | {
         "text": str(Path(settings.text).expanduser()),
@@ -100,12 +140,12 @@ def _child(
         "dtype": exp.model.dtype,
         "base_revision": exp.model.revision if not Path(exp.model.path).expanduser().exists() else None,
         "base": str(base),
-        "make_base": make_base,
+        "make_base": True,
+        "lock": str(Path(exp.paths.work).resolve() / "locks" / f"fidelity-{base.stem}.lock"),
         "model": model,
         "out": str(positions_path(exp, key)),
         "summary": str(out / "summary.json"),
+        "done": str(out / "done.json"),
     }
     (out / "request.json").write_text(json.dumps(req, indent=2))
-    argv = [sys.executable, "-m", "autoround_exp.fidelity_child", "run", str(out / "request.json")]
-    log = logs / ("fidelity-base.log" if make_base and model is None else "fidelity.log")
-    child.run(argv, log, TIMEOUT_S, "fidelity", stage="fidelity")
+    return out / "request.json"

@@ -8,6 +8,8 @@ serving environment; the arguments are lm-eval's own and its results are unchang
 - No scikit-learn at start-up: transformers imports it for assisted generation, which an
   evaluation never runs (about 1.5 of an hf evaluation's 10 s of imports on 2 CPU cores).
   lm-eval's metrics that use it (f1, mcc) still import it when they run.
+- The fidelity stage after lm-eval, in the same process, where the harness names a request
+  (``fidelity_child.REQUEST_ENV``; lm-eval's transformers backend only).
 - Own tasks only: when every task named by ``--tasks`` is defined by a YAML in
   ``--include_path`` (the harness writes one per run; it includes lm-eval's stock task by
   path), lm-eval's ``TaskManager`` is built with ``include_defaults=False``. The CLI would
@@ -84,6 +86,19 @@ def main(argv: list[str]) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
+    fidelity_after_evaluation()
+
+
+def fidelity_after_evaluation() -> None:
+    """The run's fidelity stage in this process (torch and transformers loaded already), where
+    the harness asked for it: ``fidelity_child.REQUEST_ENV`` names the request."""
+    import os
+
+    request = os.environ.get("AUTOROUND_EXP_FIDELITY_REQUEST")
+    if request:
+        from autoround_exp import fidelity_child
+
+        fidelity_child.after_evaluation(request)
 
 
 if __name__ == "__main__":

@@ -145,12 +145,18 @@ def later_stages(exp: Experiment, rec: RunRecord, ev: EvalResult, logs: Path) ->
     for field, what, enabled, measure in stages:
         if not enabled:
             continue
-        t = time.perf_counter()
+        t, moved = time.perf_counter(), 0.0
         try:
-            setattr(rec, field, measure())
+            value = measure()
+            if isinstance(value, fidelity_stage.Measured):  # its time in the evaluation child is its own
+                value, moved = value.fidelity, value.seconds_in_evaluation
+            setattr(rec, field, value)
         except Exception as err:
             errors.append(f"{what}: {err}")
-        rec.stages = {**rec.stages, field: round(time.perf_counter() - t, 3)}
+        stages = {**rec.stages, field: round(time.perf_counter() - t + moved, 3)}
+        if moved:
+            stages["evaluate"] = round(stages["evaluate"] - moved, 3)
+        rec.stages = stages
         rec.finished_at = now()
     return errors
 
@@ -159,7 +165,7 @@ def run_stages(
     exp: Experiment, work: Path, qkey: str, key: str, logs: Path
 ) -> tuple[Quantization | None, EvalResult, dict[str, float]]:
     """Quantize (unless unquantized), then evaluate; the stages' results and wall seconds."""
-    quant, stages, pre = None, {}, None
+    quant, stages, pre, fid = None, {}, None, None
     t = time.perf_counter()
     try:
         if exp.quantized:
@@ -168,14 +174,17 @@ def run_stages(
             if exp.force and (ckpt / RESULT_FILE).exists():
                 (ckpt / RESULT_FILE).unlink()
             # lm-eval's interpreter and imports load while the checkpoint is made
-            pre = prestart(exp, str(ckpt), work / "evals" / key, logs)
+            fid = fidelity_stage.request_for_evaluation(exp, str(ckpt), key)
+            pre = prestart(exp, str(ckpt), work / "evals" / key, logs, fidelity_request=fid)
             # one checkpoint per quant key, whoever shares the folder
             with locked(checkpoints / "locks" / f"quant-{qkey}.lock"):
                 quant = quantize(exp, ckpt, logs / "quantize.log")
             stages["quantize"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
         checkpoint = quant.checkpoint if quant else exp.model.path
-        ev = evaluate(exp, checkpoint, work / "evals" / key, logs, pre=pre)
+        if not exp.quantized:
+            fid = fidelity_stage.request_for_evaluation(exp, checkpoint, key)
+        ev = evaluate(exp, checkpoint, work / "evals" / key, logs, pre=pre, fidelity_request=fid)
         stages["evaluate"] = round(time.perf_counter() - t, 3)
     except BaseException:
         if pre is not None:  # nothing to evaluate: it goes without running
@@ -209,7 +218,12 @@ def with_fidelity(exp: Experiment, rec: RunRecord, results: store.Store) -> RunR
     print(f"[fidelity] {rec.name} key={rec.key}: comparing the stored run's checkpoint with its base", flush=True)
     logs = Path(exp.paths.work).resolve() / "logs" / rec.key
     return _add_stage(
-        exp, rec, results, "fidelity", "fidelity", lambda: fidelity_stage.measure(exp, rec.checkpoint, rec.key, logs)
+        exp,
+        rec,
+        results,
+        "fidelity",
+        "fidelity",
+        lambda: fidelity_stage.measure(exp, rec.checkpoint, rec.key, logs).fidelity,
     )
 
 

@@ -104,7 +104,7 @@ def calls(tmp_path, monkeypatch):
             recipe="recipe.yaml",
         )
 
-    def fake_evaluate(exp, checkpoint, out_dir, log_path, pre=None):
+    def fake_evaluate(exp, checkpoint, out_dir, log_path, pre=None, fidelity_request=None):
         seen.append(("evaluate", exp.method.name))
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(RESULTS))
@@ -125,13 +125,15 @@ def calls(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "quantize", fake_quantize)
     monkeypatch.setattr(pipeline, "evaluate", fake_evaluate)
-    monkeypatch.setattr(pipeline, "prestart", lambda *a: None)  # no lm-eval child to start ahead
+    monkeypatch.setattr(pipeline, "prestart", lambda *a, **k: None)  # no lm-eval child to start ahead
+    monkeypatch.setattr(pipeline.fidelity_stage, "request_for_evaluation", lambda *a: None)
 
     def fake_fidelity(exp, checkpoint, key, logs):
         seen.append(("fidelity", exp.method.name))
         if not exp.quantized:
-            return None
-        return Fidelity(settings=pipeline.fidelity_stage.settings_of(exp), measured=False, reason="stand-in")
+            return pipeline.fidelity_stage.Measured(None)
+        stand_in = Fidelity(settings=pipeline.fidelity_stage.settings_of(exp), measured=False, reason="stand-in")
+        return pipeline.fidelity_stage.Measured(stand_in)
 
     monkeypatch.setattr(pipeline.fidelity_stage, "measure", fake_fidelity)
     return seen

@@ -3,6 +3,7 @@ whose answers are known, the top-k approximation against the exact value, and th
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -152,3 +153,45 @@ def test_the_per_position_file_is_recorded_absolute_with_a_relative_results_fold
     exp = validate(compose_cfg(["paths.results=results"]))
     path = fidelity_stage.positions_path(exp, "abc")
     assert path.is_absolute() and path == tmp_path / "results" / "fidelity" / "abc.npz"
+
+
+def test_the_evaluation_child_computes_fidelity_only_with_transformers_and_a_text_model(tmp_path):
+    from autoround_exp import fidelity_stage
+
+    def exp(*args):
+        return validate(compose_cfg([f"paths.work={tmp_path / 'work'}", f"paths.results={tmp_path}/r", *args]))
+
+    assert fidelity_stage.in_evaluation(exp("serve=hf"))
+    for args in (["serve=vllm_server"], ["serve=hf", "fidelity=none"], ["serve=hf", "model=tiny_qwen3_vl"]):
+        assert (
+            not fidelity_stage.in_evaluation(exp(*args))
+            and fidelity_stage.request_for_evaluation(exp(*args), "/ckpt", "k") is None
+        ), args
+    # its request: the base made unless stored, under a lock; an earlier attempt's outcome removed
+    done = tmp_path / "work" / "fidelity" / "k" / "done.json"
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+    req = json.loads(fidelity_stage.request_for_evaluation(exp("serve=hf"), "/ckpt", "k").read_text())
+    assert req["model"] == "/ckpt" and req["make_base"] and req["lock"].endswith(".lock") and not done.exists()
+
+
+def test_a_failure_in_the_evaluation_child_leaves_no_outcome_and_the_accuracy_run_stands(tmp_path, capsys):
+    from autoround_exp import fidelity_child
+
+    request = tmp_path / "request.json"
+    done = tmp_path / "done.json"
+    request.write_text(json.dumps({"make_base": True, "base": str(tmp_path / "b.npz"), "done": str(done)}))
+    fidelity_child.after_evaluation(str(request))  # no base_model: fails, and does not raise
+    assert "[fidelity] in the evaluation child: KeyError" in capsys.readouterr().err and not done.exists()
+
+
+def test_the_entry_runs_the_request_the_harness_names_after_lm_eval(monkeypatch):
+    from autoround_exp import fidelity_child, lm_eval_cli
+
+    seen = []
+    monkeypatch.setattr(fidelity_child, "after_evaluation", seen.append)
+    monkeypatch.delenv(fidelity_child.REQUEST_ENV, raising=False)
+    lm_eval_cli.fidelity_after_evaluation()
+    monkeypatch.setenv(fidelity_child.REQUEST_ENV, "/w/request.json")
+    lm_eval_cli.fidelity_after_evaluation()
+    assert seen == ["/w/request.json"]

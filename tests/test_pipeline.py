@@ -53,7 +53,7 @@ def test_record_holds_metrics_with_stderr_and_versions(tmp_path, calls):
 def test_failed_evaluation_is_recorded_with_its_log_and_never_reused(tmp_path, monkeypatch, calls, capsys):
     from autoround_exp.child import ChildFailed
 
-    def hanging(exp, checkpoint, out_dir, log_dir, pre=None):
+    def hanging(exp, checkpoint, out_dir, log_dir, pre=None, fidelity_request=None):
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "lm_eval.log").write_text("loading...\n" + "INFO engine warming up, a long line\n" * 40)
         raise ChildFailed("lm-eval (hf)", None, log_dir / "lm_eval.log")
@@ -81,7 +81,7 @@ def test_a_failed_baseline_does_not_stop_the_job(tmp_path, monkeypatch, calls):
 
     working = pipeline.evaluate
 
-    def fail_base(exp, checkpoint, out_dir, log_dir, pre=None):
+    def fail_base(exp, checkpoint, out_dir, log_dir, pre=None, fidelity_request=None):
         if exp.method.name == "none":
             raise ChildFailed("lm-eval (hf)", 1, log_dir / "lm_eval.log")
         return working(exp, checkpoint, out_dir, log_dir, pre)

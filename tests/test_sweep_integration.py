@@ -112,10 +112,17 @@ def test_each_quantized_run_is_compared_with_its_base_whose_distributions_are_co
     assert recs["tiny_llama-base"]["fidelity"] is None and "fidelity" in recs["tiny_llama-base"]["stages"]
     client, runs = mlflow_runs(workdir)
     logged = {r.data.tags["run_key"]: r for r in runs}
+    for name in ["tiny_llama-base", *QUANTIZED]:
+        # computed in the evaluation child, after lm-eval (hf backend): no child of the stage's own,
+        # and the stage's seconds are its own, not the evaluation's
+        logs = workdir / "work" / "logs" / recs[name]["key"]
+        assert "[fidelity] " in (logs / "lm_eval.log").read_text() and not list(logs.glob("fidelity*.log")), name
+        assert recs[name]["stages"]["fidelity"] > 0 and recs[name]["stages"]["evaluate"] > 0
     for name in QUANTIZED:
         rec = recs[name]
         f = rec["fidelity"]
-        assert f["measured"] and f["exact"] and f["base"] == str(base) and f["backend"] == "hf bfloat16 (cpu)"
+        assert f["measured"] and f["exact"] and f["base"] == str(base)
+        assert f["backend"] == "hf bfloat16 (cpu), in the evaluation child"
         assert (f["chunks"], f["positions"], f["vocab"]) == (32, 32 * 128, 384)
         assert f["settings"]["text"].endswith("arith_gsm8k/dev.jsonl") and f["settings"]["top_k"] == 512
         kld, same = f["figures"]["kld_mean"], f["figures"]["same_top"]
@@ -228,6 +235,8 @@ def test_rerun_reuses_every_finished_run_and_other_fidelity_settings_measure_the
         f = after[name]["fidelity"]
         assert after[name]["metrics"] == before_recs[name]["metrics"] and after[name]["key"] == before_recs[name]["key"]
         assert f["settings"]["seqlen"] == 64 and f["chunks"] == 64
+        assert f["backend"] == "hf bfloat16 (cpu)"  # a stored run: in a child of the stage's own
+        assert (workdir / "work" / "logs" / after[name]["key"] / "fidelity.log").is_file()
         assert logged[after[name]["key"]]["fidelity/kld_mean"] == f["figures"]["kld_mean"]["value"]
 
 

@@ -1,9 +1,9 @@
 """What the fidelity stage costs and how close its top-k store comes to the exact KL divergence,
 measured on the embedded tiny Llama (numbers printed, nothing asserted: `make bench`).
 
-1. A W4A16 RTN run through ``run.py`` with the stage on: the stage's wall seconds in the
-   base's job (its distributions stored) and in the checkpoint's (compared), the child's
-   start-up included. Goal: at most 10 s per checkpoint.
+1. A W4A16 RTN run through ``run.py`` with the stage on (serve=hf: it runs in the evaluation
+   child, after lm-eval): the stage's wall seconds in the base's job (its distributions stored)
+   and in the checkpoint's (compared). Goal: at most 10 s per checkpoint.
 2. The fidelity child alone on that checkpoint, for several top-k: mean KLD against the exact
    value, seconds, positions per second, the base's store per 1 M tokens on disk, peak RSS.
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(d)
         recs = harness_run(tmp)
         base, rtn = recs["tiny_llama-base"], recs["tiny_llama-w4a16-rtn"]
-        print("fidelity stage in run.py (wall seconds, child start-up included):")
+        print("fidelity stage in run.py (wall seconds; serve=hf: in the evaluation child, after lm-eval):")
         print(f"  base job (its distributions stored): {base['stages']['fidelity']:.1f} s")
         print(f"  W4A16 RTN job (compared with them):  {rtn['stages']['fidelity']:.1f} s")
         vocab = rtn["fidelity"]["vocab"]
