@@ -12,7 +12,9 @@ torch and transformers are loaded there already.
 The request (JSON): ``model`` (a folder transformers loads; a compressed-tensors checkpoint is
 decompressed on load), ``text`` (a .jsonl of ``{"question", "answer"}`` or ``{"text"}`` objects,
 or a .txt file), ``seqlen``, ``max_tokens``, ``top_k``, ``base`` (the base's .npz) and, for
-``compare``, ``out`` (the per-position .npz) and ``summary`` (the figures, JSON). ``run`` also
+``compare``, ``out`` (the per-position .npz) and ``summary`` (the figures, JSON); optionally
+``loader`` (``image_text_to_text``: a vision-language model, read on the text alone) and
+``trust_remote_code``. ``run`` also
 takes ``base_model`` and ``make_base`` (store the base first, in the same process, unless it is
 stored already; under ``lock`` where given: parallel jobs make it once), runs ``compare`` when
 ``model`` is set, and writes ``done`` (JSON: its seconds, whether it stored the base, the base and
@@ -76,27 +78,35 @@ def log_probs(model, ids: np.ndarray):
             yield torch.log_softmax(logits, dim=-1).float().double().cpu().numpy(), row[1:]
 
 
-def load(path: str, revision: str | None = None, dtype: str | None = None):
+def load(path: str, revision: str | None = None, dtype: str | None = None, req: dict | None = None):
     """The model in ``dtype`` (the harness's ``model.dtype``, as lm-eval's hf backend scores it;
     None: the checkpoint's own), on the GPU where one is visible. One dtype for both sides: a
     checkpoint is loaded in its base's. Not float32 on a CPU, although bfloat16 matmuls took 5x
     as long on an AVX2-only one: NVFP4 checkpoints run their compressed layers in bfloat16 only,
     and a float32 base against a bfloat16 checkpoint would measure the dtype as well."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
+    req = req or {}
     cuda = torch.cuda.is_available()
     dtype = getattr(torch, dtype) if dtype and dtype != "auto" else "auto"
-    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype)
+    # a vision-language model (model.loader) reads the text alone: its language model, no image
+    auto = AutoModelForImageTextToText if req.get("loader") == "image_text_to_text" else AutoModelForCausalLM
+    remote = bool(req.get("trust_remote_code"))
+    model = auto.from_pretrained(path, revision=revision, dtype=dtype, trust_remote_code=remote)
     if cuda:
         model.to("cuda")
     model.eval()
-    return AutoTokenizer.from_pretrained(path, revision=revision), model
+    return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=remote), model
+
+
+def vocab_of(model) -> int:
+    return model.config.get_text_config().vocab_size  # a vision-language model's is its text model's
 
 
 def base(req: dict) -> None:
     t0 = time.perf_counter()
-    tok, model = load(req["model"], req.get("revision"), req.get("dtype"))
+    tok, model = load(req["model"], req.get("revision"), req.get("dtype"), req)
     ids = chunks_of(tok, Path(req["text"]), req["seqlen"], req["max_tokens"])
     stored = [fidelity.base_chunk(lp, targets, req["top_k"]) for lp, targets in log_probs(model, ids)]
     fidelity.save_npz(
@@ -105,7 +115,7 @@ def base(req: dict) -> None:
         indices=np.stack([c.indices for c in stored]).astype(np.int32),
         logprobs=np.stack([c.logprobs for c in stored]).astype(np.float32),
         target_logprobs=np.stack([c.target_logprobs for c in stored]),
-        vocab=np.array(model.config.vocab_size),
+        vocab=np.array(vocab_of(model)),
         dtype=np.array(str(model.dtype).removeprefix("torch.")),
     )
     n = ids.shape[0] * (ids.shape[1] - 1)
@@ -125,12 +135,12 @@ def load_base(path: Path) -> tuple[np.ndarray, list[fidelity.BaseChunk], int, st
 def compare(req: dict) -> None:
     t0 = time.perf_counter()
     ids, stored, vocab, dtype = load_base(Path(req["base"]))
-    tok, model = load(req["model"], dtype=dtype)
+    tok, model = load(req["model"], dtype=dtype, req=req)
     again = chunks_of(tok, Path(req["text"]), req["seqlen"], req["max_tokens"])
     if again.shape != ids.shape or token_sha256(again) != token_sha256(ids):
         raise FidelityError(f"{req['model']} tokenizes the text differently from its base: positions do not pair")
-    if model.config.vocab_size != vocab:
-        raise FidelityError(f"{req['model']} has a vocabulary of {model.config.vocab_size}, its base {vocab}")
+    if vocab_of(model) != vocab:
+        raise FidelityError(f"{req['model']} has a vocabulary of {vocab_of(model)}, its base {vocab}")
     positions = [
         fidelity.compare(b, lp, targets) for b, (lp, targets) in zip(stored, log_probs(model, ids), strict=True)
     ]

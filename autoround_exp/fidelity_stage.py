@@ -40,8 +40,6 @@ def settings_of(exp: Experiment) -> FidelitySettings | None:
 
 def why_not(exp: Experiment) -> str | None:
     """Why this run's fidelity is not measured (None: it is)."""
-    if exp.model.modality != "text":
-        return "a vision-language model: the stage compares text models only so far"
     if text_of(exp) is None:
         return f"no text for {exp.model.name}: set fidelity.data_path to a .txt or .jsonl file"
     return None
@@ -107,7 +105,7 @@ def measure(exp: Experiment, checkpoint: str, key: str, logs: Path) -> Measured:
     if not exp.quantized:
         return Measured(None, seconds)
     s = json.loads((_outdir(exp, key) / "summary.json").read_text())
-    where = ", in the evaluation child" if in_eval else ""
+    where = (", text only" if exp.model.modality != "text" else "") + (", in the evaluation child" if in_eval else "")
     fid = Fidelity(
         settings=settings,
         measured=True,
@@ -139,6 +137,8 @@ def _request(exp: Experiment, settings: FidelitySettings, base: Path, model: str
         "base_model": exp.model.path,
         "dtype": exp.model.dtype,
         "base_revision": exp.model.revision if not Path(exp.model.path).expanduser().exists() else None,
+        "loader": exp.model.loader,
+        "trust_remote_code": exp.model.trust_remote_code,
         "base": str(base),
         "make_base": True,
         "lock": str(Path(exp.paths.work).resolve() / "locks" / f"fidelity-{base.stem}.lock"),

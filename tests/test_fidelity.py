@@ -161,8 +161,11 @@ def test_the_evaluation_child_computes_fidelity_only_with_transformers_and_a_tex
     def exp(*args):
         return validate(compose_cfg([f"paths.work={tmp_path / 'work'}", f"paths.results={tmp_path}/r", *args]))
 
-    assert fidelity_stage.in_evaluation(exp("serve=hf"))
-    for args in (["serve=vllm_server"], ["serve=hf", "fidelity=none"], ["serve=hf", "model=tiny_qwen3_vl"]):
+    # a vision-language model too: its language model, on the text alone
+    assert fidelity_stage.in_evaluation(exp("serve=hf")) and fidelity_stage.in_evaluation(
+        exp("model=tiny_qwen3_vl", "serve=hf")
+    )
+    for args in (["serve=vllm_server"], ["serve=hf", "fidelity=none"], ["serve=hf", "model.fidelity_text=null"]):
         assert (
             not fidelity_stage.in_evaluation(exp(*args))
             and fidelity_stage.request_for_evaluation(exp(*args), "/ckpt", "k") is None

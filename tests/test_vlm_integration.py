@@ -33,8 +33,8 @@ SWEEP = [
 ]
 
 
-def run(workdir: Path, args: list[str]) -> subprocess.CompletedProcess:
-    argv = [sys.executable, str(ROOT / "run.py"), *args, *paths_args(workdir), "report.readme=null"]
+def run(workdir: Path, args: list[str], fidelity: bool = False) -> subprocess.CompletedProcess:
+    argv = [sys.executable, str(ROOT / "run.py"), *args, *paths_args(workdir, fidelity=fidelity), "report.readme=null"]
     proc = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -43,7 +43,24 @@ def run(workdir: Path, args: list[str]) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vlm")
-    return workdir, run(workdir, SWEEP)
+    return workdir, run(workdir, SWEEP, fidelity=True)  # the fidelity stage on, as a user's sweep has it
+
+
+def test_each_quantized_run_is_compared_with_its_base_on_text_by_its_language_model(sweep):
+    """Fidelity on a vision-language model: the language model's next-token distributions on the
+    held-out text, no image, computed in the evaluation child (hf-multimodal) after chartqa."""
+    workdir, proc = sweep
+    recs = records(workdir)
+    assert proc.stdout.count("the base's distributions stored") == 1, proc.stdout[-3000:]
+    for name, rec in recs.items():
+        f = rec["fidelity"]
+        if name == "tiny_qwen3_vl-base":
+            assert f is None and rec["stages"]["fidelity"] > 0
+            continue
+        assert f["measured"] and f["backend"] == "hf bfloat16 (cpu), text only, in the evaluation child", f
+        assert f["settings"]["text"].endswith("arith_gsm8k/dev.jsonl") and f["positions"] > 0
+        assert f["vocab"] == 1024 and not f["exact"]  # the default top 512 of its 1024 tokens, the tail one bucket
+        assert 0 < f["figures"]["kld_mean"]["value"] and 0.5 < f["figures"]["same_top"]["value"] < 1, (name, f)
 
 
 def test_every_job_of_the_sweep_finished_with_chartqa_scores_in_mlflow(sweep):
