@@ -77,8 +77,8 @@ def request_for_evaluation(exp: Experiment, checkpoint: str, key: str) -> Path |
         return None
     settings = settings_of(exp)
     req = _request(exp, settings, base_path(exp, settings), checkpoint if exp.quantized else None, key)
-    for name in ("done", "summary"):
-        Path(json.loads(req.read_text())[name]).unlink(missing_ok=True)
+    for name in ("done.json", "summary.json"):
+        (_outdir(exp, key) / name).unlink(missing_ok=True)
     return req
 
 
