@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from autoround_exp.report import stats
+from tests.support import ROOT
 
 
 def flips(n: int, p: float, gained: int, lost: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -32,6 +35,22 @@ def test_known_improvement_is_found_with_its_exact_size():
     from scipy.stats import binom
 
     assert t.p == pytest.approx(2 * binom.cdf(20, 80, 0.5))
+
+
+def test_exact_and_normal_tests_equal_scipys_without_importing_it_in_the_harness():
+    from scipy.stats import binomtest, norm
+
+    for gained, lost in [(0, 0), (0, 1), (3, 3), (5, 2), (20, 60), (0, 40), (700, 619), (1, 1318)]:
+        want = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
+        assert stats.mcnemar_exact(gained, lost) == pytest.approx(want, rel=1e-9, abs=1e-300), (gained, lost)
+    a = np.array([0.1, 0.4, 0.35, 0.8, 0.2])
+    t = stats.paired(a, a + np.array([0.05, 0.1, -0.02, 0.07, 0.03]))
+    assert t.test == "paired z" and t.p == pytest.approx(2 * norm.sf(t.delta / t.se), rel=1e-9)
+    assert t.high - t.delta == pytest.approx(norm.ppf(0.975) * t.se, rel=1e-12)
+    # scipy.stats costs the sweep's process 1.4 s to import (every run.py, every report)
+    code = "import sys, autoround_exp.report.render, autoround_exp.report.compact; print('scipy.stats' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
 
 
 def test_balanced_flips_are_within_noise():
