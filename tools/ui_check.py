@@ -53,7 +53,9 @@ def start_ui(store: str, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     argv = [str(mlflow_bin), "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)]
-    ui = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    # the runs' pages only: MLflow 3's job execution (a job runner and two huey consumers) stays off
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    ui = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(180):
         try:
