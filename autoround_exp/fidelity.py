@@ -122,22 +122,49 @@ def _tail(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def compare(base: BaseChunk, quant_logprobs: np.ndarray, targets: np.ndarray) -> Positions:
     """The checkpoint's full log-probabilities [T, V] on the chunk against the stored base."""
     q = np.asarray(quant_logprobs, dtype=np.float64)
-    lp_b = base.logprobs
+    rows = np.arange(len(q))
     lq = np.take_along_axis(q, base.indices, axis=1)  # the checkpoint on the base's top k
+    return _positions(base, lq, q.argmax(axis=1), q[rows, np.asarray(targets)], tail=base.k < q.shape[1])
+
+
+def compare_top(base: BaseChunk, top: BaseChunk, vocab: int) -> Positions:
+    """The checkpoint known by its own top k per position (vLLM's prompt log-probabilities:
+    ``top.indices`` most probable first, ``top.target_logprobs`` the text's next token) against
+    the stored base. Where one of the base's top k is outside the checkpoint's, its
+    log-probability is the checkpoint's leftover mass spread evenly over the tokens it did not
+    return: exact where the checkpoint's k covers the vocabulary, an estimate otherwise."""
+    n, kq = top.indices.shape
+    _, log_rest = _tail(top.logprobs)
+    fill = log_rest - np.log(max(vocab - kq, 1))  # [T]
+    # every row's ids sorted and offset by row x vocab: one sorted array to look the base's up in
+    order = np.argsort(top.indices, axis=1)
+    ids = np.take_along_axis(top.indices, order, axis=1).astype(np.int64)
+    lps = np.take_along_axis(top.logprobs, order, axis=1)
+    offset = (np.arange(n, dtype=np.int64) * vocab)[:, None]
+    flat = (ids + offset).ravel()
+    want = base.indices.astype(np.int64) + offset
+    at = np.minimum(np.searchsorted(flat, want.ravel()), flat.size - 1).reshape(want.shape)
+    hit = flat[at] == want
+    lq = np.where(hit, lps.ravel()[at], fill[:, None])
+    return _positions(base, lq, top.indices[:, 0], top.target_logprobs, tail=base.k < vocab)
+
+
+def _positions(base: BaseChunk, lq: np.ndarray, quant_top: np.ndarray, quant_target: np.ndarray, tail: bool):
+    """Per position: ``lq`` the checkpoint's log-probabilities of the base's top k, ``quant_top``
+    its most probable token, ``quant_target`` its log-probability of the text's next token."""
+    lp_b = base.logprobs
     p_b = np.exp(lp_b)
     kld = (p_b * (lp_b - lq)).sum(axis=1)
-    if base.k < q.shape[1]:  # the rest of the vocabulary as one bucket on both sides
+    if tail:  # the rest of the vocabulary as one bucket on both sides
         tail_b, log_tail_b = _tail(lp_b)
         _, log_tail_q = _tail(lq)
         kld = kld + tail_b * (log_tail_b - log_tail_q)
-    rows = np.arange(len(q))
-    top_b = base.indices[:, 0]
     return Positions(
         kld=np.maximum(kld, 0.0),  # rounding can leave -1e-17 where the two agree
-        same_top=q.argmax(axis=1) == top_b,
-        dp_top=np.exp(q[rows, top_b]) - p_b[:, 0],
+        same_top=np.asarray(quant_top) == base.indices[:, 0],
+        dp_top=np.exp(lq[:, 0]) - p_b[:, 0],
         nll_base=-base.target_logprobs,
-        nll_quant=-q[rows, np.asarray(targets)],
+        nll_quant=-np.asarray(quant_target, dtype=np.float64),
     )
 
 

@@ -2,7 +2,9 @@
 against the unquantized model's on a fixed text (``fidelity_child``). Where lm-eval's
 transformers backend scores the run, its evaluation child computes them right after the accuracy
 run, with torch and transformers loaded (``request_for_evaluation``); otherwise, or if that
-failed, and for a stored run measured anew, the stage runs the same request in a child of its own.
+failed, and for a stored run measured anew, the stage runs the same request in a child of its
+own. Where lm-eval's vllm backend scores a text model, the evaluation child reads vLLM's prompt
+log-probabilities instead (``fidelity_vllm``), against a base that vLLM computed.
 
 The base's distributions are stored once per identity (the model's weights, the text's
 content, seqlen, max_tokens, top_k) under ``<paths.work>/fidelity/``: the sweep's base job
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from autoround_exp import child, store
 from autoround_exp.config import Experiment
+from autoround_exp.evaluate import engine_args
 from autoround_exp.fidelity import SUMMARY, Fidelity, FidelitySettings, Figure
 from autoround_exp.fsutil import digest
 
@@ -51,9 +54,25 @@ def positions_path(exp: Experiment, key: str) -> Path:
     return store.Store(Path(exp.paths.results).resolve()).fidelity_of(key)
 
 
-def base_path(exp: Experiment, settings: FidelitySettings) -> Path:
+def base_path(exp: Experiment, settings: FidelitySettings, engine: str = "hf") -> Path:
+    """The base's stored distributions: one per model, text and settings, and per engine (vLLM's
+    apart from transformers': each side of a comparison from the same one)."""
     ident = {"base": store.model_identity(exp), "settings": settings.model_dump(exclude={"text"})}
+    if engine != "hf":
+        ident["engine"] = engine
     return Path(exp.paths.work).resolve() / "fidelity" / f"base-{digest(ident)}.npz"
+
+
+def evaluation_engine(exp: Experiment) -> str | None:
+    """What computes the run's fidelity inside its evaluation child, after lm-eval: transformers
+    where lm-eval's hf backends score it (torch and transformers loaded: a child of the stage's
+    own spends 8 of its 10 s loading them on 2 CPU cores), vLLM's prompt log-probabilities where
+    its vllm backend scores a text model (what vLLM serves, measured). None: the stage's own child."""
+    if exp.serve.backend == "hf":
+        return "hf"
+    if exp.serve.backend == "vllm" and exp.model.modality == "text":
+        return "vllm"
+    return None
 
 
 @dataclass
@@ -64,10 +83,8 @@ class Measured:
 
 
 def in_evaluation(exp: Experiment) -> bool:
-    """Whether the evaluation child computes the run's fidelity: lm-eval's transformers backend
-    runs in this environment with torch and transformers loaded (a child of the stage's own
-    spends 8 of its 10 s loading them on 2 CPU cores). vLLM's backends run in the serving one."""
-    return exp.fidelity.enabled and exp.serve.backend == "hf" and why_not(exp) is None
+    """Whether the evaluation child computes the run's fidelity (``evaluation_engine``)."""
+    return exp.fidelity.enabled and evaluation_engine(exp) is not None and why_not(exp) is None
 
 
 def request_for_evaluation(exp: Experiment, checkpoint: str, key: str) -> Path | None:
@@ -75,8 +92,9 @@ def request_for_evaluation(exp: Experiment, checkpoint: str, key: str) -> Path |
     earlier attempt's outcome removed; None where it does not run there."""
     if not in_evaluation(exp):
         return None
-    settings = settings_of(exp)
-    req = _request(exp, settings, base_path(exp, settings), checkpoint if exp.quantized else None, key)
+    settings, engine = settings_of(exp), evaluation_engine(exp)
+    base = base_path(exp, settings, engine)
+    req = _request(exp, settings, base, checkpoint if exp.quantized else None, key, vllm=engine == "vllm")
     for name in ("done.json", "summary.json"):
         (_outdir(exp, key) / name).unlink(missing_ok=True)
     return req
@@ -87,12 +105,13 @@ def measure(exp: Experiment, checkpoint: str, key: str, logs: Path) -> Measured:
     settings = settings_of(exp)
     if (reason := why_not(exp)) is not None:
         return Measured(None if not exp.quantized else Fidelity(settings=settings, measured=False, reason=reason))
-    base = base_path(exp, settings)
     model = checkpoint if exp.quantized else None
     done = _outdir(exp, key) / "done.json"
     info = json.loads(done.read_text()) if done.is_file() else {}
-    in_eval = info.get("base") == str(base) and info.get("model") == model  # this run's, these settings'
+    base = base_path(exp, settings, evaluation_engine(exp) or "hf") if in_evaluation(exp) else None
+    in_eval = base is not None and info.get("base") == str(base) and info.get("model") == model  # this run's
     if not in_eval:
+        base = base_path(exp, settings)  # apart: transformers, against transformers' base
         req = _request(exp, settings, base, model, key)
         done.unlink(missing_ok=True)
         log = logs / ("fidelity-base.log" if model is None else "fidelity.log")
@@ -109,7 +128,7 @@ def measure(exp: Experiment, checkpoint: str, key: str, logs: Path) -> Measured:
     fid = Fidelity(
         settings=settings,
         measured=True,
-        backend=f"hf {s['dtype']}{where}",
+        backend=f"{s.get('engine', 'hf')} {s['dtype']}{where}",
         base=str(base),
         chunks=s["chunks"],
         positions=s["positions"],
@@ -127,9 +146,12 @@ def _outdir(exp: Experiment, key: str) -> Path:
     return Path(exp.paths.work).resolve() / "fidelity" / key
 
 
-def _request(exp: Experiment, settings: FidelitySettings, base: Path, model: str | None, key: str) -> Path:
+def _request(
+    exp: Experiment, settings: FidelitySettings, base: Path, model: str | None, key: str, vllm: bool = False
+) -> Path:
     """The child's request, written: the base stored unless it is (under a lock: parallel jobs
-    make it once), then ``model`` compared with it."""
+    make it once), then ``model`` compared with it; ``vllm``: through vLLM, with the accuracy
+    run's engine settings (``engine``, which ``lm_eval_cli`` tells ``fidelity_vllm`` by)."""
     out = _outdir(exp, key)
     out.mkdir(parents=True, exist_ok=True)
     req = settings.model_dump(include={"text", "seqlen", "max_tokens", "top_k"}) | {
@@ -147,5 +169,8 @@ def _request(exp: Experiment, settings: FidelitySettings, base: Path, model: str
         "summary": str(out / "summary.json"),
         "done": str(out / "done.json"),
     }
+    if vllm:
+        engine = engine_args(exp) | {"dtype": exp.model.dtype}
+        req["engine"] = {k: v for k, v in engine.items() if v is not None}
     (out / "request.json").write_text(json.dumps(req, indent=2))
     return out / "request.json"

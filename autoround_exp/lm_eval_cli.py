@@ -9,7 +9,8 @@ serving environment; the arguments are lm-eval's own and its results are unchang
   evaluation never runs (about 1.5 of an hf evaluation's 10 s of imports on 2 CPU cores).
   lm-eval's metrics that use it (f1, mcc) still import it when they run.
 - The fidelity stage after lm-eval, in the same process, where the harness names a request
-  (``fidelity_child.REQUEST_ENV``; lm-eval's transformers backend only).
+  (``fidelity_child.REQUEST_ENV``): through transformers (``fidelity_child``) after lm-eval's
+  transformers backend, through vLLM's prompt log-probabilities (``fidelity_vllm``) after its vllm one.
 - Own tasks only: when every task named by ``--tasks`` is defined by a YAML in
   ``--include_path`` (the harness writes one per run; it includes lm-eval's stock task by
   path), lm-eval's ``TaskManager`` is built with ``include_defaults=False``. The CLI would
@@ -95,7 +96,16 @@ def fidelity_after_evaluation() -> None:
     import os
 
     request = os.environ.get("AUTOROUND_EXP_FIDELITY_REQUEST")
-    if request:
+    if not request:
+        return
+    import json
+    from pathlib import Path
+
+    if "engine" in json.loads(Path(request).read_text()):  # lm-eval's vLLM backend scored the run
+        from autoround_exp import fidelity_vllm
+
+        fidelity_vllm.after_evaluation(json.loads(Path(request).read_text()))
+    else:
         from autoround_exp import fidelity_child
 
         fidelity_child.after_evaluation(request)

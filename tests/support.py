@@ -346,8 +346,10 @@ def sweep_runs(workdir: Path):
     return client, runs
 
 
-def run_py(workdir: Path, *args: str, check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
-    argv = [sys.executable, str(ROOT / "run.py"), *args, *paths_args(workdir)]
+def run_py(
+    workdir: Path, *args: str, check: bool = True, timeout: int = 1800, fidelity: bool = False
+) -> subprocess.CompletedProcess:
+    argv = [sys.executable, str(ROOT / "run.py"), *args, *paths_args(workdir, fidelity=fidelity)]
     proc = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

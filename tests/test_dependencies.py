@@ -23,9 +23,13 @@ def declared() -> set[str]:
     return {canonical(re.split(r"[\s<>=!~\[;]", r, maxsplit=1)[0]) for r in reqs}
 
 
-# Run by the serve environment's interpreter, by path (not the package's environment): they
-# import the standard library and what that environment's `make env` installs (vLLM).
-SERVE_ENV_FILES = {"autoround_exp/vllm_bench.py": {"vllm"}}
+# Run by the serve environment's interpreter (vllm_bench by path; fidelity_vllm in lm-eval's vllm
+# child): they import the standard library and what that environment's `make env` installs (vLLM,
+# and torch and numpy with it).
+SERVE_ENV_FILES = {
+    "autoround_exp/vllm_bench.py": {"vllm"},
+    "autoround_exp/fidelity_vllm.py": {"vllm", "numpy", "torch"},
+}
 
 
 def imported(files=None) -> dict[str, set[str]]:

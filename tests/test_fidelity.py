@@ -155,7 +155,7 @@ def test_the_per_position_file_is_recorded_absolute_with_a_relative_results_fold
     assert path.is_absolute() and path == tmp_path / "results" / "fidelity" / "abc.npz"
 
 
-def test_the_evaluation_child_computes_fidelity_only_with_transformers_and_a_text_model(tmp_path):
+def test_the_evaluation_child_computes_fidelity_with_transformers_or_with_vllm_for_a_text_model(tmp_path):
     from autoround_exp import fidelity_stage
 
     def exp(*args):
@@ -165,7 +165,8 @@ def test_the_evaluation_child_computes_fidelity_only_with_transformers_and_a_tex
     assert fidelity_stage.in_evaluation(exp("serve=hf")) and fidelity_stage.in_evaluation(
         exp("model=tiny_qwen3_vl", "serve=hf")
     )
-    for args in (["serve=vllm_server"], ["serve=hf", "fidelity=none"], ["serve=hf", "model.fidelity_text=null"]):
+    nots = (["serve=vllm_server"], ["serve=hf", "fidelity=none"], ["serve=hf", "model.fidelity_text=null"])
+    for args in (*nots, ["model=tiny_qwen3_vl", "serve=vllm"]):
         assert (
             not fidelity_stage.in_evaluation(exp(*args))
             and fidelity_stage.request_for_evaluation(exp(*args), "/ckpt", "k") is None
@@ -176,6 +177,13 @@ def test_the_evaluation_child_computes_fidelity_only_with_transformers_and_a_tex
     done.write_text("{}")
     req = json.loads(fidelity_stage.request_for_evaluation(exp("serve=hf"), "/ckpt", "k").read_text())
     assert req["model"] == "/ckpt" and req["make_base"] and req["lock"].endswith(".lock") and not done.exists()
+    assert "engine" not in req
+    # lm-eval's vllm backend: vLLM's prompt log-probabilities with the accuracy run's engine
+    # settings, against a base that vLLM computed (stored apart from transformers')
+    vllm = json.loads(fidelity_stage.request_for_evaluation(exp("serve=vllm"), "/ckpt", "k").read_text())
+    engine = {"max_model_len": 2048, "enforce_eager": True, "dtype": "bfloat16", "gpu_memory_utilization": 0.9}
+    assert vllm["engine"] == engine | {"tensor_parallel_size": 1}
+    assert vllm["base"] != req["base"] and vllm["lock"] != req["lock"]
 
 
 def test_a_failure_in_the_evaluation_child_leaves_no_outcome_and_the_accuracy_run_stands(tmp_path, capsys):
@@ -188,13 +196,51 @@ def test_a_failure_in_the_evaluation_child_leaves_no_outcome_and_the_accuracy_ru
     assert "[fidelity] in the evaluation child: KeyError" in capsys.readouterr().err and not done.exists()
 
 
-def test_the_entry_runs_the_request_the_harness_names_after_lm_eval(monkeypatch):
-    from autoround_exp import fidelity_child, lm_eval_cli
+def test_the_entry_runs_the_request_the_harness_names_after_lm_eval(monkeypatch, tmp_path):
+    from autoround_exp import fidelity_child, fidelity_vllm, lm_eval_cli
 
     seen = []
-    monkeypatch.setattr(fidelity_child, "after_evaluation", seen.append)
+    monkeypatch.setattr(fidelity_child, "after_evaluation", lambda path: seen.append(("hf", path)))
+    monkeypatch.setattr(fidelity_vllm, "after_evaluation", lambda req: seen.append(("vllm", req["engine"])))
     monkeypatch.delenv(fidelity_child.REQUEST_ENV, raising=False)
     lm_eval_cli.fidelity_after_evaluation()
-    monkeypatch.setenv(fidelity_child.REQUEST_ENV, "/w/request.json")
-    lm_eval_cli.fidelity_after_evaluation()
-    assert seen == ["/w/request.json"]
+    hf, vllm = tmp_path / "hf.json", tmp_path / "vllm.json"
+    hf.write_text(json.dumps({"model": "m"}))
+    vllm.write_text(json.dumps({"model": "m", "engine": {"max_model_len": 2048}}))
+    for request in (hf, vllm):
+        monkeypatch.setenv(fidelity_child.REQUEST_ENV, str(request))
+        lm_eval_cli.fidelity_after_evaluation()
+    assert seen == [("hf", str(hf)), ("vllm", {"max_model_len": 2048})]
+
+
+def quant_top(q: np.ndarray, targets: np.ndarray, k: int) -> fidelity.BaseChunk:
+    """A checkpoint as vLLM's prompt log-probabilities give it: its own top k per position and
+    its log-probability of the text's next token."""
+    return fidelity.base_chunk(q, targets, k)
+
+
+def test_a_checkpoint_known_by_its_top_k_equals_the_full_comparison_where_its_k_covers_the_base():
+    rng = np.random.default_rng(5)
+    for b, q, t in chunks(rng, 3, 0.3):
+        base = fidelity.base_chunk(b, t, 8)
+        full = fidelity.compare(base, q, t)
+        wide = quant_top(q, t, 40)
+        assert all(np.isin(base.indices[i], wide.indices[i]).all() for i in range(len(q)))  # holds the base's top 8
+        for top in (quant_top(q, t, V), wide):  # the whole vocabulary, and a top k that holds the base's
+            got = fidelity.compare_top(base, top, V)
+            for f in fidelity.Positions.__dataclass_fields__:
+                np.testing.assert_allclose(getattr(got, f), getattr(full, f), rtol=1e-12, atol=1e-15)
+
+
+def test_a_base_token_outside_the_checkpoints_top_k_gets_its_leftover_mass_spread_evenly():
+    lp_b = np.log(np.array([[0.5, 0.3, 0.1, 0.05, 0.05]]))
+    base = fidelity.base_chunk(lp_b, np.array([0]), 2)  # tokens 0 and 1
+    q = np.log(np.array([[0.6, 0.02, 0.2, 0.1, 0.08]]))
+    top = quant_top(q, np.array([0]), 3)  # tokens 0, 2, 3: token 1 is not returned
+    got = fidelity.compare_top(base, top, 5)
+    leftover = 1 - (0.6 + 0.2 + 0.1)
+    lq1 = np.log(leftover / 2)  # spread over the 2 tokens it did not return
+    tail_b, tail_q = 0.2, 1 - 0.6 - leftover / 2
+    want = 0.5 * np.log(0.5 / 0.6) + 0.3 * np.log(0.3) - 0.3 * lq1 + tail_b * np.log(tail_b / tail_q)
+    assert got.kld[0] == pytest.approx(want, rel=1e-12)
+    assert got.same_top[0] and got.dp_top[0] == pytest.approx(0.1) and got.nll_quant[0] == pytest.approx(-np.log(0.6))

@@ -40,9 +40,10 @@ W8A8_KERNEL = None if PLATFORM["cuda"] else "CPUInt8ScaledMMLinearKernel for Com
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vllm")
-    # W8A8 RTN in both modes (the unquantized model in vLLM: the timeout, Ctrl-C and auto tests below)
+    # W8A8 RTN in both modes (the unquantized model in vLLM: the timeout, Ctrl-C and auto tests
+    # below), with the fidelity stage: in vLLM's evaluation child for the in-process run
     args = ["-m", "serve=vllm,vllm_server", "scheme=w8a8", "method=rtn", "baselines=false", f"eval.limit={LIMIT}"]
-    proc = run_py(workdir, *args)
+    proc = run_py(workdir, *args, fidelity=True)
     return workdir, proc
 
 
@@ -110,6 +111,42 @@ def test_score_equals_lm_eval_vllm_run_by_hand(sweep, tmp_path):
         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     assert by_hand == rec["metrics"]
+
+
+def test_fidelity_in_vllms_evaluation_child_reads_its_prompt_log_probabilities(sweep):
+    """`serve=vllm` with the fidelity stage: the evaluation child goes on to vLLM's prompt
+    log-probabilities for the base (stored once, apart from transformers') and the checkpoint;
+    `vllm serve`'s run is measured apart, by transformers. vLLM's base distributions are
+    transformers' for the same weights and tokens (bfloat16 both)."""
+    workdir, proc = sweep
+    assert "[fidelity] base (vLLM)" in _log(workdir) and "[fidelity] vLLM bfloat16" in _log(workdir)
+    recs = records(workdir)
+    f = recs[("tiny_llama-w8a8-rtn", "vllm")]["fidelity"]
+    assert f["measured"] and f["backend"].startswith("vllm bfloat16") and "in the evaluation child" in f["backend"]
+    assert f["exact"] and f["vocab"] == 384 and f["positions"] == 4096, f  # all 384 tokens: exact
+    kld, same = f["figures"]["kld_mean"]["value"], f["figures"]["same_top"]["value"]
+    assert 0 < kld < 0.05 and same > 0.9, f  # int8 weights and activations: close to the base, not equal
+    apart = recs[("tiny_llama-w8a8-rtn", "vllm_server")]["fidelity"]
+    assert apart["measured"] and apart["backend"].startswith("hf ") and apart["base"] != f["base"], apart
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with np.load(f["base"]) as z:
+        ids, indices, logprobs = z["ids"][:4], z["indices"][:4], z["logprobs"][:4].astype(np.float64)
+    model = AutoModelForCausalLM.from_pretrained(
+        recs[("tiny_llama-w8a8-rtn", "vllm")]["model"]["path"], dtype=torch.bfloat16
+    )
+    with torch.inference_mode():
+        hf = torch.log_softmax(model(input_ids=torch.from_numpy(ids[:, :-1])).logits.double(), -1).numpy()
+    ours = np.take_along_axis(hf, indices.astype(np.int64), axis=2)  # every token: vLLM's top k is the vocabulary
+    engines = (np.exp(ours) * (ours - logprobs)).sum(-1).mean()  # KL(transformers ‖ vLLM), the same weights
+    # two bfloat16 engines agree far more closely than int8 moves the model (3e-4 against 0.015 here)
+    assert engines < kld / 10 and (hf.argmax(-1) == indices[..., 0]).mean() > 0.98, (engines, kld)
+
+
+def _log(workdir: Path) -> str:
+    return "".join(p.read_text() for p in (workdir / "work").rglob("lm_eval.log"))
 
 
 def test_server_that_never_gets_healthy_is_stopped_and_recorded_as_failed(tmp_path):

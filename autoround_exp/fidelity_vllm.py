@@ -1,0 +1,157 @@
+"""The fidelity stage where lm-eval's vLLM backend scored the run: the same request as
+``fidelity_child``'s, the next-token log-probabilities read from vLLM's prompt log-probabilities
+(``SamplingParams(prompt_logprobs=k)``), in the evaluation child after lm-eval, in the serving
+environment. What vLLM serves is measured: its kernels for the checkpoint's scheme, not
+transformers' decompressed weights.
+
+vLLM returns each position's top k (``max_logprobs``, here ``fidelity.top_k`` or the vocabulary,
+whichever is smaller) and the text's next token. The base is stored as its top k, as
+``fidelity_child`` stores it; a checkpoint is compared by its own top k
+(``fidelity.compare_top``): exact where k covers the vocabulary (the tiny models' 1024 tokens
+with ``fidelity.top_k=1024``), otherwise the checkpoint's mass outside its top k is spread evenly.
+The base's store is vLLM's own (``fidelity_stage.base_path``): both sides from one engine.
+
+The request adds ``engine`` (``vllm.LLM``'s arguments: the accuracy run's engine settings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from autoround_exp import fidelity
+from autoround_exp.fidelity_child import FidelityError, chunks_of, token_sha256
+from autoround_exp.fsutil import locked
+
+
+def engine(path: str, req: dict, k: int):
+    """``vllm.LLM`` for ``path`` with the run's engine settings, returning up to ``k`` log-probabilities."""
+    from vllm import LLM
+
+    return LLM(model=path, max_logprobs=k, trust_remote_code=bool(req.get("trust_remote_code")), **req["engine"])
+
+
+def top_of(llm, ids: np.ndarray, k: int) -> list[fidelity.BaseChunk]:
+    """Each chunk's top ``k`` per position, most probable first, and the next token's
+    log-probability: position t of a chunk is the distribution that predicts token t + 1."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True, detokenize=False)
+    prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in ids]
+    chunks = []
+    for row, out in zip(ids, llm.generate(prompts, params, use_tqdm=False), strict=True):
+        flat = out.prompt_logprobs  # the first token has none; then k + 1 per position: the text's token, the top k
+        starts = np.asarray(flat.start_indices[1:])
+        if not (np.asarray(flat.end_indices[1:]) - starts == k + 1).all() or len(starts) != len(row) - 1:
+            raise FidelityError(
+                f"vLLM returned {len(flat.token_ids)} prompt log-probabilities, not {k + 1} per position"
+            )
+        at = starts[:, None] + np.arange(k + 1)
+        token_ids, logprobs = np.asarray(flat.token_ids), np.asarray(flat.logprobs, dtype=np.float64)
+        if not (token_ids[at[:, 0]] == row[1:]).all():
+            raise FidelityError("vLLM's prompt log-probabilities are not of the prompt's tokens")
+        chunks.append(fidelity.BaseChunk(token_ids[at[:, 1:]], logprobs[at[:, 1:]], logprobs[at[:, 0]]))
+    return chunks
+
+
+def vocab_of(llm) -> int:
+    return llm.llm_engine.model_config.get_vocab_size()
+
+
+def base(req: dict) -> None:
+    t0 = time.perf_counter()
+    llm = engine(req["model"], req, req["top_k"])
+    vocab = vocab_of(llm)
+    k = min(req["top_k"], vocab)
+    ids = chunks_of(llm.get_tokenizer(), Path(req["text"]), req["seqlen"], req["max_tokens"])
+    stored = top_of(llm, ids, k)
+    fidelity.save_npz(
+        Path(req["base"]),
+        ids=ids,
+        indices=np.stack([c.indices for c in stored]).astype(np.int32),
+        logprobs=np.stack([c.logprobs for c in stored]).astype(np.float32),
+        target_logprobs=np.stack([c.target_logprobs for c in stored]),
+        vocab=np.array(vocab),
+        dtype=np.array(str(llm.llm_engine.model_config.dtype).removeprefix("torch.")),
+    )
+    _release(llm)
+    n = ids.shape[0] * (ids.shape[1] - 1)
+    print(f"[fidelity] base (vLLM): {ids.shape[0]} chunks, {n} positions, top {k}, {time.perf_counter() - t0:.1f} s")
+
+
+def compare(req: dict) -> None:
+    from autoround_exp.fidelity_child import load_base
+
+    t0 = time.perf_counter()
+    ids, stored, vocab, dtype = load_base(Path(req["base"]))
+    llm = engine(req["model"], req, stored[0].k)
+    again = chunks_of(llm.get_tokenizer(), Path(req["text"]), req["seqlen"], req["max_tokens"])
+    if again.shape != ids.shape or token_sha256(again) != token_sha256(ids):
+        raise FidelityError(f"{req['model']} tokenizes the text differently from its base: positions do not pair")
+    if vocab_of(llm) != vocab:
+        raise FidelityError(f"{req['model']} has a vocabulary of {vocab_of(llm)}, its base {vocab}")
+    tops = top_of(llm, ids, stored[0].k)
+    device = llm.llm_engine.vllm_config.device_config.device_type
+    _release(llm)
+    positions = [fidelity.compare_top(b, t, vocab) for b, t in zip(stored, tops, strict=True)]
+    fidelity.save_positions(Path(req["out"]), positions)
+    summary = {k: vars(v) for k, v in fidelity.summarize(positions).items()}
+    summary |= {
+        "chunks": len(positions),
+        "positions": int(sum(len(p.kld) for p in positions)),
+        "top_k": stored[0].k,
+        "vocab": vocab,
+        "exact": stored[0].k >= vocab,
+        "token_sha256": token_sha256(ids),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "dtype": f"{dtype} ({device})",
+        "engine": "vllm",
+    }
+    Path(req["summary"]).write_text(json.dumps(summary, indent=1))
+    kld, same = summary["kld_mean"]["value"], summary["same_top"]["value"]
+    print(f"[fidelity] vLLM {summary['dtype']}: mean KLD {kld:.5f}, same top {same:.3f}")
+
+
+def _release(llm) -> None:
+    """The engine gone before the next one starts (its KV cache is most of the memory)."""
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def run(req: dict) -> None:
+    t0, made = time.perf_counter(), False
+    if req.get("make_base"):
+        with locked(Path(req["lock"])) if req.get("lock") else contextlib.nullcontext():
+            if not Path(req["base"]).is_file():
+                base({**req, "model": req["base_model"]})
+                made = True
+    if req.get("model"):
+        compare(req)
+    if req.get("done"):
+        done = {"seconds": round(time.perf_counter() - t0, 3), "made_base": made}
+        Path(req["done"]).write_text(json.dumps(done | {k: req.get(k) for k in ("base", "model")}))
+
+
+def after_evaluation(req: dict) -> None:
+    """``run`` after lm-eval in its vLLM evaluation child: a failure is printed and leaves no
+    ``done``, and the harness's stage measures the run apart (transformers, its own base)."""
+    gc.collect()  # lm-eval's engine, no longer referenced
+    try:
+        run(req)
+    except Exception as e:  # noqa: BLE001 - reported, and measured again apart
+        print(
+            f"[fidelity] vLLM in the evaluation child: {type(e).__name__}: {e}; the stage runs apart", file=sys.stderr
+        )
