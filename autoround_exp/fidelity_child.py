@@ -109,17 +109,22 @@ def base(req: dict) -> None:
     tok, model = load(req["model"], req.get("revision"), req.get("dtype"), req)
     ids = chunks_of(tok, Path(req["text"]), req["seqlen"], req["max_tokens"])
     stored = [fidelity.base_chunk(lp, targets, req["top_k"]) for lp, targets in log_probs(model, ids)]
+    save_base(Path(req["base"]), ids, stored, vocab_of(model), str(model.dtype).removeprefix("torch."))
+    n = ids.shape[0] * (ids.shape[1] - 1)
+    print(f"[fidelity] base: {ids.shape[0]} chunks, {n} positions, top {stored[0].k}, {time.perf_counter() - t0:.1f} s")
+
+
+def save_base(path: Path, ids: np.ndarray, stored: list[fidelity.BaseChunk], vocab: int, dtype: str) -> None:
+    """The base's store: its token ids, top k per position (float32) and next-token log-probabilities."""
     fidelity.save_npz(
-        Path(req["base"]),
+        path,
         ids=ids,
         indices=np.stack([c.indices for c in stored]).astype(np.int32),
         logprobs=np.stack([c.logprobs for c in stored]).astype(np.float32),
         target_logprobs=np.stack([c.target_logprobs for c in stored]),
-        vocab=np.array(vocab_of(model)),
-        dtype=np.array(str(model.dtype).removeprefix("torch.")),
+        vocab=np.array(vocab),
+        dtype=np.array(dtype),
     )
-    n = ids.shape[0] * (ids.shape[1] - 1)
-    print(f"[fidelity] base: {ids.shape[0]} chunks, {n} positions, top {stored[0].k}, {time.perf_counter() - t0:.1f} s")
 
 
 def load_base(path: Path) -> tuple[np.ndarray, list[fidelity.BaseChunk], int, str]:
@@ -137,39 +142,56 @@ def compare(req: dict) -> None:
     ids, stored, vocab, dtype = load_base(Path(req["base"]))
     tok, model = load(req["model"], dtype=dtype, req=req)
     again = chunks_of(tok, Path(req["text"]), req["seqlen"], req["max_tokens"])
-    if again.shape != ids.shape or token_sha256(again) != token_sha256(ids):
-        raise FidelityError(f"{req['model']} tokenizes the text differently from its base: positions do not pair")
-    if vocab_of(model) != vocab:
-        raise FidelityError(f"{req['model']} has a vocabulary of {vocab_of(model)}, its base {vocab}")
+    check_pairs(req, ids, again, vocab, vocab_of(model))
     positions = [
         fidelity.compare(b, lp, targets) for b, (lp, targets) in zip(stored, log_probs(model, ids), strict=True)
     ]
+    write_outcome(
+        req, positions, ids, stored[0].k, vocab, t0, f"{str(model.dtype).removeprefix('torch.')} ({model.device.type})"
+    )
+
+
+def check_pairs(req: dict, ids: np.ndarray, again: np.ndarray, vocab: int, model_vocab: int) -> None:
+    """The checkpoint's tokens and vocabulary are its base's: positions pair one to one."""
+    if again.shape != ids.shape or token_sha256(again) != token_sha256(ids):
+        raise FidelityError(f"{req['model']} tokenizes the text differently from its base: positions do not pair")
+    if model_vocab != vocab:
+        raise FidelityError(f"{req['model']} has a vocabulary of {model_vocab}, its base {vocab}")
+
+
+def write_outcome(
+    req: dict, positions: list, ids: np.ndarray, k: int, vocab: int, t0: float, dtype: str, engine: str | None = None
+) -> None:
+    """The per-position figures (``out``) and the summary (``summary``), said on the log."""
     fidelity.save_positions(Path(req["out"]), positions)
-    summary = {k: vars(v) for k, v in fidelity.summarize(positions).items()}
+    summary = {name: vars(v) for name, v in fidelity.summarize(positions).items()}
     summary |= {
         "chunks": len(positions),
         "positions": int(sum(len(p.kld) for p in positions)),
-        "top_k": stored[0].k,
+        "top_k": k,
         "vocab": vocab,
-        "exact": stored[0].k >= vocab,
+        "exact": k >= vocab,
         "token_sha256": token_sha256(ids),
         "seconds": round(time.perf_counter() - t0, 3),
-        "dtype": f"{str(model.dtype).removeprefix('torch.')} ({model.device.type})",
-    }
+        "dtype": dtype,
+    } | ({"engine": engine} if engine else {})
     Path(req["summary"]).write_text(json.dumps(summary, indent=1))
     kld, same = summary["kld_mean"]["value"], summary["same_top"]["value"]
-    print(f"[fidelity] {summary['dtype']}: mean KLD {kld:.5f}, same top {same:.3f}")
+    print(f"[fidelity] {engine + ' ' if engine else ''}{dtype}: mean KLD {kld:.5f}, same top {same:.3f}")
 
 
-def run(req: dict) -> None:
+def run(req: dict, make_base=None, compare_with=None) -> None:
+    """The base stored unless it is, then the checkpoint compared; ``done`` written. By default
+    through transformers (``base``, ``compare``); ``fidelity_vllm`` passes its own."""
+    make_base, compare_with = make_base or base, compare_with or compare
     t0, made = time.perf_counter(), False
     if req.get("make_base"):
         with locked(Path(req["lock"])) if req.get("lock") else contextlib.nullcontext():
             if not Path(req["base"]).is_file():
-                base({**req, "model": req["base_model"], "revision": req.get("base_revision")})
+                make_base({**req, "model": req["base_model"], "revision": req.get("base_revision")})
                 made = True
     if req.get("model"):
-        compare(req)
+        compare_with(req)
     if req.get("done"):
         done = {"seconds": round(time.perf_counter() - t0, 3), "made_base": made}
         Path(req["done"]).write_text(json.dumps(done | {k: req.get(k) for k in ("base", "model")}))

@@ -18,23 +18,22 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from autoround_exp import fidelity
-from autoround_exp.fidelity_child import FidelityError, chunks_of, token_sha256
-from autoround_exp.fsutil import locked
+from autoround_exp import fidelity, fidelity_child
+from autoround_exp.fidelity_child import FidelityError, check_pairs, chunks_of, load_base, save_base, write_outcome
 
 
 def engine(path: str, req: dict, k: int):
     """``vllm.LLM`` for ``path`` with the run's engine settings, returning up to ``k`` log-probabilities."""
     from vllm import LLM
 
-    return LLM(model=path, max_logprobs=k, trust_remote_code=bool(req.get("trust_remote_code")), **req["engine"])
+    remote = bool(req.get("trust_remote_code"))
+    return LLM(model=path, revision=req.get("revision"), max_logprobs=k, trust_remote_code=remote, **req["engine"])
 
 
 def top_of(llm, ids: np.ndarray, k: int) -> list[fidelity.BaseChunk]:
@@ -70,15 +69,12 @@ def base(req: dict) -> None:
     vocab = vocab_of(llm)
     k = min(req["top_k"], vocab)
     ids = chunks_of(llm.get_tokenizer(), Path(req["text"]), req["seqlen"], req["max_tokens"])
-    stored = top_of(llm, ids, k)
-    fidelity.save_npz(
+    save_base(
         Path(req["base"]),
-        ids=ids,
-        indices=np.stack([c.indices for c in stored]).astype(np.int32),
-        logprobs=np.stack([c.logprobs for c in stored]).astype(np.float32),
-        target_logprobs=np.stack([c.target_logprobs for c in stored]),
-        vocab=np.array(vocab),
-        dtype=np.array(str(llm.llm_engine.model_config.dtype).removeprefix("torch.")),
+        ids,
+        top_of(llm, ids, k),
+        vocab,
+        str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
     )
     _release(llm)
     n = ids.shape[0] * (ids.shape[1] - 1)
@@ -86,36 +82,16 @@ def base(req: dict) -> None:
 
 
 def compare(req: dict) -> None:
-    from autoround_exp.fidelity_child import load_base
-
     t0 = time.perf_counter()
     ids, stored, vocab, dtype = load_base(Path(req["base"]))
     llm = engine(req["model"], req, stored[0].k)
     again = chunks_of(llm.get_tokenizer(), Path(req["text"]), req["seqlen"], req["max_tokens"])
-    if again.shape != ids.shape or token_sha256(again) != token_sha256(ids):
-        raise FidelityError(f"{req['model']} tokenizes the text differently from its base: positions do not pair")
-    if vocab_of(llm) != vocab:
-        raise FidelityError(f"{req['model']} has a vocabulary of {vocab_of(llm)}, its base {vocab}")
+    check_pairs(req, ids, again, vocab, vocab_of(llm))
     tops = top_of(llm, ids, stored[0].k)
     device = llm.llm_engine.vllm_config.device_config.device_type
     _release(llm)
     positions = [fidelity.compare_top(b, t, vocab) for b, t in zip(stored, tops, strict=True)]
-    fidelity.save_positions(Path(req["out"]), positions)
-    summary = {k: vars(v) for k, v in fidelity.summarize(positions).items()}
-    summary |= {
-        "chunks": len(positions),
-        "positions": int(sum(len(p.kld) for p in positions)),
-        "top_k": stored[0].k,
-        "vocab": vocab,
-        "exact": stored[0].k >= vocab,
-        "token_sha256": token_sha256(ids),
-        "seconds": round(time.perf_counter() - t0, 3),
-        "dtype": f"{dtype} ({device})",
-        "engine": "vllm",
-    }
-    Path(req["summary"]).write_text(json.dumps(summary, indent=1))
-    kld, same = summary["kld_mean"]["value"], summary["same_top"]["value"]
-    print(f"[fidelity] vLLM {summary['dtype']}: mean KLD {kld:.5f}, same top {same:.3f}")
+    write_outcome(req, positions, ids, stored[0].k, vocab, t0, f"{dtype} ({device})", engine="vllm")
 
 
 def _release(llm) -> None:
@@ -132,17 +108,7 @@ def _release(llm) -> None:
 
 
 def run(req: dict) -> None:
-    t0, made = time.perf_counter(), False
-    if req.get("make_base"):
-        with locked(Path(req["lock"])) if req.get("lock") else contextlib.nullcontext():
-            if not Path(req["base"]).is_file():
-                base({**req, "model": req["base_model"]})
-                made = True
-    if req.get("model"):
-        compare(req)
-    if req.get("done"):
-        done = {"seconds": round(time.perf_counter() - t0, 3), "made_base": made}
-        Path(req["done"]).write_text(json.dumps(done | {k: req.get(k) for k in ("base", "model")}))
+    fidelity_child.run(req, make_base=base, compare_with=compare)
 
 
 def after_evaluation(req: dict) -> None:

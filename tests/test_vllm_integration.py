@@ -119,7 +119,7 @@ def test_fidelity_in_vllms_evaluation_child_reads_its_prompt_log_probabilities(s
     `vllm serve`'s run is measured apart, by transformers. vLLM's base distributions are
     transformers' for the same weights and tokens (bfloat16 both)."""
     workdir, proc = sweep
-    assert "[fidelity] base (vLLM)" in _log(workdir) and "[fidelity] vLLM bfloat16" in _log(workdir)
+    assert "[fidelity] base (vLLM)" in _log(workdir) and "[fidelity] vllm bfloat16 (" in _log(workdir)
     recs = records(workdir)
     f = recs[("tiny_llama-w8a8-rtn", "vllm")]["fidelity"]
     assert f["measured"] and f["backend"].startswith("vllm bfloat16") and "in the evaluation child" in f["backend"]
