@@ -108,7 +108,7 @@ def measure(exp: Experiment, checkpoint: str, key: str, logs: Path) -> Measured:
     model = checkpoint if exp.quantized else None
     done = _outdir(exp, key) / "done.json"
     info = json.loads(done.read_text()) if done.is_file() else {}
-    base = base_path(exp, settings, evaluation_engine(exp) or "hf") if in_evaluation(exp) else None
+    base = base_path(exp, settings, evaluation_engine(exp)) if in_evaluation(exp) else None
     in_eval = base is not None and info.get("base") == str(base) and info.get("model") == model  # this run's
     if not in_eval:
         base = base_path(exp, settings)  # apart: transformers, against transformers' base

@@ -7,8 +7,8 @@ transformers' decompressed weights.
 vLLM returns each position's top k (``max_logprobs``, here ``fidelity.top_k`` or the vocabulary,
 whichever is smaller) and the text's next token. The base is stored as its top k, as
 ``fidelity_child`` stores it; a checkpoint is compared by its own top k
-(``fidelity.compare_top``): exact where k covers the vocabulary (the tiny models' 1024 tokens
-with ``fidelity.top_k=1024``), otherwise the checkpoint's mass outside its top k is spread evenly.
+(``fidelity.compare_top``): exact where k covers the vocabulary (the tiny Llama's 384 tokens
+under the default 512), otherwise the checkpoint's mass outside its top k is spread evenly.
 The base's store is vLLM's own (``fidelity_stage.base_path``): both sides from one engine.
 
 The request adds ``engine`` (``vllm.LLM``'s arguments: the accuracy run's engine settings).
@@ -32,6 +32,7 @@ def engine(path: str, req: dict, k: int):
     """``vllm.LLM`` for ``path`` with the run's engine settings, returning up to ``k`` log-probabilities."""
     from vllm import LLM
 
+    gc.collect()  # the engine before it (lm-eval's, the base's) gone first: its KV cache is most of the memory
     remote = bool(req.get("trust_remote_code"))
     return LLM(model=path, revision=req.get("revision"), max_logprobs=k, trust_remote_code=remote, **req["engine"])
 
@@ -95,11 +96,9 @@ def compare(req: dict) -> None:
 
 
 def _release(llm) -> None:
-    """The engine gone before the next one starts (its KV cache is most of the memory)."""
+    """The engine shut down once its log-probabilities are read (the next ``engine`` collects it)."""
     with contextlib.suppress(Exception):
         llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
     with contextlib.suppress(Exception):
         import torch
 
@@ -114,7 +113,6 @@ def run(req: dict) -> None:
 def after_evaluation(req: dict) -> None:
     """``run`` after lm-eval in its vLLM evaluation child: a failure is printed and leaves no
     ``done``, and the harness's stage measures the run apart (transformers, its own base)."""
-    gc.collect()  # lm-eval's engine, no longer referenced
     try:
         run(req)
     except Exception as e:  # noqa: BLE001 - reported, and measured again apart

@@ -101,10 +101,11 @@ def fidelity_after_evaluation() -> None:
     import json
     from pathlib import Path
 
-    if "engine" in json.loads(Path(request).read_text()):  # lm-eval's vLLM backend scored the run
+    req = json.loads(Path(request).read_text())
+    if "engine" in req:  # lm-eval's vLLM backend scored the run
         from autoround_exp import fidelity_vllm
 
-        fidelity_vllm.after_evaluation(json.loads(Path(request).read_text()))
+        fidelity_vllm.after_evaluation(req)
     else:
         from autoround_exp import fidelity_child
 
