@@ -137,6 +137,8 @@ class ModelConfig:
     eval_data: dict[str, LocalTaskData] = field(default_factory=dict)
     vllm: VllmEngineConfig = field(default_factory=VllmEngineConfig)
     fidelity_text: str | None = None  # held-out text the fidelity stage reads by default
+    # a vision-language model's held-out charts and their questions (ChartQA's parquet)
+    fidelity_images: str | None = None
 
 
 @dataclass
@@ -252,6 +254,10 @@ class FidelityConfig:
     seqlen: int = 128  # tokens per chunk; the bootstrap resamples chunks
     max_tokens: int = 4096
     top_k: int = 512  # the base's log-probabilities kept per position: exact where >= the vocabulary
+    # a vision-language model also on chart questions with their images: a ChartQA-format
+    # .parquet (image, query, label); null: the model's own (model.fidelity_images), else text only
+    images_path: str | None = None
+    max_images: int = 64  # its first charts (an image and its questions), each one chunk
 
 
 @dataclass

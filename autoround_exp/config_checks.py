@@ -43,7 +43,7 @@ from autoround_exp.config import (
     redact_uri,
     resolved_for,
 )
-from autoround_exp.fidelity import text_problem
+from autoround_exp.fidelity import charts_problem, text_problem
 
 
 def choices(key: str, value: Any, allowed) -> None:
@@ -106,6 +106,28 @@ def check_fidelity(f: FidelityConfig, model: ModelConfig) -> None:
         raise ConfigError(
             f"{key}={source}: {problem}; set fidelity.data_path to a .txt or .jsonl text of at least one "
             "chunk, or fidelity=none."
+        )
+    check_fidelity_images(f, model)
+
+
+def check_fidelity_images(f: FidelityConfig, model: ModelConfig) -> None:
+    """Chart questions with their images: a vision-language model's, in ChartQA's format."""
+    if f.max_images < 1:
+        raise ConfigError(f"fidelity.max_images={f.max_images} is invalid; set an integer >= 1.")
+    if f.images_path and model.modality == "text":
+        raise ConfigError(
+            f"fidelity.images_path={f.images_path}: model={model.name} is a text model and reads no image; "
+            "leave fidelity.images_path unset, or choose a vision-language model."
+        )
+    source = f.images_path or (model.fidelity_images if model.modality != "text" else None)
+    if source is None:
+        return
+    problem = charts_problem(Path(source).expanduser())
+    if problem is not None:
+        key = "fidelity.images_path" if f.images_path else "model.fidelity_images"
+        raise ConfigError(
+            f"{key}={source}: {problem}; set fidelity.images_path to a ChartQA-format .parquet (image, query, "
+            "label), model.fidelity_images=null to measure on text only, or fidelity=none."
         )
 
 

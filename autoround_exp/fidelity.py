@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
+CHART_COLUMNS = ("image", "query", "label")  # ChartQA's format (``autoround_exp.tiny.charts``)
 
 
 def documents(path: Path) -> Iterator[str]:
@@ -71,6 +72,43 @@ def text_problem(path: Path, seqlen: int) -> str | None:
     return f"{chars} characters in {docs} documents: fewer than the {need} tokens of one chunk (fidelity.seqlen + 1)"
 
 
+def charts(path: Path, limit: int | None = None) -> list[tuple[bytes, list[tuple[str, str]]]]:
+    """The first ``limit`` charts of a ChartQA-format parquet: each image's bytes (PNG or JPEG)
+    and its questions with their first answers, in order (consecutive rows of one image are
+    one chart, as ChartQA and the tiny model's charts list them)."""
+    import pyarrow.parquet as pq
+
+    out: list[tuple[bytes, list[tuple[str, str]]]] = []
+    for r in pq.read_table(path, columns=list(CHART_COLUMNS)).to_pylist():
+        image = r["image"]["bytes"]
+        if not out or out[-1][0] != image:
+            if limit is not None and len(out) == limit:
+                break
+            out.append((image, []))
+        out[-1][1].append((r["query"], r["label"][0]))
+    return out
+
+
+def charts_problem(path: Path) -> str | None:
+    """Why ``path`` is not a ChartQA-format parquet with at least one question (None: it is)."""
+    if not path.is_file():
+        return "no such file" if not path.exists() else "not a file"
+    if path.suffix != ".parquet":
+        return "not a .parquet file"
+    try:
+        import pyarrow.parquet as pq
+
+        f = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same answer
+        return f"not readable as parquet ({type(e).__name__}: {e})"
+    missing = [c for c in CHART_COLUMNS if c not in f.schema_arrow.names]
+    if missing:
+        return f"no {', '.join(missing)} column (ChartQA's format: image, query, label)"
+    if f.metadata.num_rows == 0:
+        return "it holds no questions"
+    return None
+
+
 # A probability below this is floored before its logarithm (a tail the quantized model left empty)
 FLOOR = 1e-12
 
@@ -95,8 +133,11 @@ def base_chunk(logprobs: np.ndarray, targets: np.ndarray, k: int) -> BaseChunk:
     top = (
         np.argpartition(-lp, k - 1, axis=1)[:, :k] if k < lp.shape[1] else np.tile(np.arange(lp.shape[1]), (len(lp), 1))
     )
-    order = np.argsort(-np.take_along_axis(lp, top, axis=1), axis=1, kind="stable")
+    # most probable first, ties by the lower token id; and first the token argmax picks (the
+    # checkpoint's top is its argmax): argpartition may have kept another of equal probability
+    order = np.lexsort((top, -np.take_along_axis(lp, top, axis=1)), axis=1)
     top = np.take_along_axis(top, order, axis=1)
+    top[:, 0] = lp.argmax(axis=1)
     rows = np.arange(len(lp))
     return BaseChunk(top, np.take_along_axis(lp, top, axis=1), lp[rows, np.asarray(targets)])
 
@@ -176,14 +217,30 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
     partial.replace(path)
 
 
+def ragged(arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-chunk arrays of any lengths as one array and each chunk's length (``sizes``): chart
+    questions are chunks of their own lengths."""
+    return {"values": np.concatenate(arrays), "sizes": np.array([len(a) for a in arrays], dtype=np.int64)}
+
+
+def unragged(values: np.ndarray, sizes: np.ndarray | None) -> list[np.ndarray]:
+    """``ragged``'s inverse; without ``sizes`` (a store of equal chunks) the rows of ``values``."""
+    if sizes is None:
+        return list(values)
+    return np.split(values, np.cumsum(sizes)[:-1])
+
+
 def save_positions(path: Path, chunks: list[Positions]) -> None:
-    """Each figure stacked over the chunks: the per-position file of a run (paired tests)."""
-    save_npz(path, **{f: np.stack([getattr(c, f) for c in chunks]) for f in Positions.__dataclass_fields__})
+    """Each figure over the chunks, and each chunk's length: the per-position file of a run (paired tests)."""
+    arrays = {f: np.concatenate([getattr(c, f) for c in chunks]) for f in Positions.__dataclass_fields__}
+    save_npz(path, sizes=np.array([len(c.kld) for c in chunks], dtype=np.int64), **arrays)
 
 
 def load_positions(path: Path) -> list[Positions]:
     with np.load(path) as z:
-        return [Positions(*(z[f][i] for f in Positions.__dataclass_fields__)) for i in range(len(z["kld"]))]
+        sizes = z["sizes"] if "sizes" in z else None  # earlier files: chunks of one length, stacked
+        fields = [unragged(z[f], sizes) for f in Positions.__dataclass_fields__]
+    return [Positions(*parts) for parts in zip(*fields, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -287,6 +344,10 @@ class FidelitySettings(_Strict):
     seqlen: int
     max_tokens: int
     top_k: int
+    # a vision-language model's chart questions with their images (ChartQA's format), read too
+    images: str | None = None
+    images_sha256: str | None = None
+    max_images: int | None = None
 
 
 class Figure(_Strict):
@@ -313,6 +374,9 @@ class Fidelity(_Strict):
     figures: dict[str, Figure] = Field(default_factory=dict)
     per_position: str | None = None  # the .npz of every position's figures (paired tests)
     seconds: float | None = None
+    # a vision-language model on chart questions with their images (``settings.images``): the
+    # same figures, one chunk per question, over the text after the image; its settings above
+    images: Fidelity | None = None
 
     def value(self, figure: str) -> float | None:
         f = self.figures.get(figure)

@@ -13,8 +13,11 @@ The request (JSON): ``model`` (a folder transformers loads; a compressed-tensors
 decompressed on load), ``text`` (a .jsonl of ``{"question", "answer"}`` or ``{"text"}`` objects,
 or a .txt file), ``seqlen``, ``max_tokens``, ``top_k``, ``base`` (the base's .npz) and, for
 ``compare``, ``out`` (the per-position .npz) and ``summary`` (the figures, JSON); optionally
-``loader`` (``image_text_to_text``: a vision-language model, read on the text alone) and
-``trust_remote_code``. ``run`` also
+``loader`` (``image_text_to_text``: a vision-language model, its language model reading the
+text) and ``trust_remote_code``; and for a vision-language model ``images`` (a ChartQA-format
+parquet), ``max_images``, ``images_base``, ``images_out`` and ``images_summary``: the same
+comparison on charts with their questions, one chunk per chart (its questions and answers in one
+conversation after the image), over the text after the image. ``run`` also
 takes ``base_model`` and ``make_base`` (store the base first, in the same process, unless it is
 stored already; under ``lock`` where given: parallel jobs make it once), runs ``compare`` when
 ``model`` is set, and writes ``done`` (JSON: its seconds, whether it stored the base, the base and
@@ -104,6 +107,121 @@ def vocab_of(model) -> int:
     return model.config.get_text_config().vocab_size  # a vision-language model's is its text model's
 
 
+# ---- chart questions with their images (a vision-language model) ---------------------------
+
+
+def load_processor(path: str, revision: str | None = None, req: dict | None = None):
+    from autoround_exp import vision_compat
+
+    remote = bool((req or {}).get("trust_remote_code"))
+    return vision_compat.load_processor(path, revision=revision, trust_remote_code=remote)
+
+
+# charts per forward pass: 3x the speed of one at a time on 2 CPU cores (measured on the tiny
+# Qwen3-VL), and the same log-probabilities (right padding, masked)
+CHART_BATCH = 8
+
+
+def chart_inputs(processor, model, path: Path, limit: int) -> tuple[list, np.ndarray]:
+    """The charts as the model's inputs, ``CHART_BATCH`` at a time: each chart one conversation
+    through the chat template, the image with the first question in the user's first turn, each
+    answer the assistant's (the image read once for all its questions); with each chart's row,
+    where the text after its image starts, and its length. And the SHA-256 of pairing: every
+    token id and pixel value, which both sides must share."""
+    import io
+
+    from PIL import Image
+
+    cfg = model.config
+    image_id, end_id = cfg.image_token_id, getattr(cfg, "vision_end_token_id", None)
+    texts, images = [], []
+    for png, questions in fidelity.charts(path, limit):
+        turns = []
+        for n, (query, answer) in enumerate(questions):
+            ask = [{"type": "image"}] if n == 0 else []
+            turns.append({"role": "user", "content": [*ask, {"type": "text", "text": query}]})
+            turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        texts.append(processor.apply_chat_template(turns, tokenize=False))
+        images.append(Image.open(io.BytesIO(png)).convert("RGB"))
+    if not texts:
+        raise FidelityError(f"{path}: no charts")
+    batches, digest = [], hashlib.sha256()
+    for b in range(0, len(texts), CHART_BATCH):
+        x = processor(
+            text=texts[b : b + CHART_BATCH],
+            images=images[b : b + CHART_BATCH],
+            return_tensors="pt",
+            padding=True,
+            padding_side="right",
+        )
+        rows = []
+        for ids, mask in zip(x["input_ids"], x["attention_mask"], strict=True):
+            where = (ids == image_id).nonzero()
+            if len(where) == 0:
+                raise FidelityError(f"{path}: the processor put no image token ({image_id}) in a chart's inputs")
+            start, end = int(where[-1]) + 1, int(mask.sum())
+            start += int(end_id is not None and start < end and int(ids[start]) == end_id)
+            if start >= end:
+                raise FidelityError(f"{path}: a chart has no text after its image")
+            rows.append((start, end))
+        batches.append((x, rows))
+        digest.update(x["input_ids"].numpy().astype("<i8").tobytes())
+        digest.update(x["pixel_values"].float().numpy().tobytes())
+    return batches, np.frombuffer(digest.digest(), dtype=np.uint8)
+
+
+def chart_log_probs(model, batches: list):
+    """Yield each chart's [T, V] log-probabilities over the text after its image, and its targets."""
+    import torch
+
+    with torch.inference_mode():
+        for x, rows in batches:
+            x = {k: v.to(model.device) for k, v in x.items()}
+            logits = model(**x).logits
+            for r, (start, end) in enumerate(rows):
+                lp = torch.log_softmax(logits[r, start - 1 : end - 1].double(), dim=-1)
+                yield lp.float().double().cpu().numpy(), x["input_ids"][r, start:end].cpu().numpy()
+
+
+def images_request(req: dict) -> dict:
+    """The request's chart part in its text part's names: the same store and outcome code."""
+    return req | {
+        "base": req["images_base"],
+        "out": req.get("images_out"),
+        "summary": req.get("images_summary"),
+        "model": req.get("model"),
+    }
+
+
+def base_images(req: dict, model) -> None:
+    t0 = time.perf_counter()
+    processor = load_processor(req["model"], req.get("revision"), req)
+    inputs, key = chart_inputs(processor, model, Path(req["images"]), req["max_images"])
+    stored = [fidelity.base_chunk(lp, targets, req["top_k"]) for lp, targets in chart_log_probs(model, inputs)]
+    save_base(Path(req["images_base"]), key, stored, vocab_of(model), str(model.dtype).removeprefix("torch."))
+    n = sum(len(c.target_logprobs) for c in stored)
+    seconds = time.perf_counter() - t0
+    print(f"[fidelity] base, charts: {len(stored)} with their questions, {n} positions, {seconds:.1f} s")
+
+
+def compare_images(req: dict, model) -> None:
+    t0 = time.perf_counter()
+    sub = images_request(req)
+    key, stored, vocab, _ = load_base(Path(sub["base"]))
+    processor = load_processor(req["model"], req=req)
+    inputs, again = chart_inputs(processor, model, Path(req["images"]), req["max_images"])
+    if sum(len(rows) for _, rows in inputs) != len(stored) or not np.array_equal(again, key):
+        raise FidelityError(f"{req['model']} reads the chart questions differently from its base (tokens or pixels)")
+    check_pairs(sub, key, again, vocab, vocab_of(model))
+    found = chart_log_probs(model, inputs)
+    positions = [fidelity.compare(b, lp, targets) for b, (lp, targets) in zip(stored, found, strict=True)]
+    dtype = f"{str(model.dtype).removeprefix('torch.')} ({model.device.type})"
+    write_outcome(sub, positions, key, stored[0].k, vocab, t0, dtype, label="charts")
+
+
+# ---- the stage's modes -----------------------------------------------------------------------
+
+
 def base(req: dict) -> None:
     t0 = time.perf_counter()
     tok, model = load(req["model"], req.get("revision"), req.get("dtype"), req)
@@ -112,16 +230,20 @@ def base(req: dict) -> None:
     save_base(Path(req["base"]), ids, stored, vocab_of(model), str(model.dtype).removeprefix("torch."))
     n = ids.shape[0] * (ids.shape[1] - 1)
     print(f"[fidelity] base: {ids.shape[0]} chunks, {n} positions, top {stored[0].k}, {time.perf_counter() - t0:.1f} s")
+    if req.get("images"):
+        base_images(req, model)
 
 
 def save_base(path: Path, ids: np.ndarray, stored: list[fidelity.BaseChunk], vocab: int, dtype: str) -> None:
-    """The base's store: its token ids, top k per position (float32) and next-token log-probabilities."""
+    """The base's store: its token ids (what pairs positions), top k per position (float32) and
+    next-token log-probabilities, chunk after chunk with each chunk's length (``sizes``)."""
     fidelity.save_npz(
         path,
         ids=ids,
-        indices=np.stack([c.indices for c in stored]).astype(np.int32),
-        logprobs=np.stack([c.logprobs for c in stored]).astype(np.float32),
-        target_logprobs=np.stack([c.target_logprobs for c in stored]),
+        indices=np.concatenate([c.indices for c in stored]).astype(np.int32),
+        logprobs=np.concatenate([c.logprobs for c in stored]).astype(np.float32),
+        target_logprobs=np.concatenate([c.target_logprobs for c in stored]),
+        sizes=np.array([len(c.target_logprobs) for c in stored], dtype=np.int64),
         vocab=np.array(vocab),
         dtype=np.array(dtype),
     )
@@ -130,10 +252,9 @@ def save_base(path: Path, ids: np.ndarray, stored: list[fidelity.BaseChunk], voc
 def load_base(path: Path) -> tuple[np.ndarray, list[fidelity.BaseChunk], int, str]:
     with np.load(path) as z:
         ids, vocab, dtype = z["ids"], int(z["vocab"]), str(z["dtype"])
-        chunks = [
-            fidelity.BaseChunk(i, lp.astype(np.float64), t)
-            for i, lp, t in zip(z["indices"], z["logprobs"], z["target_logprobs"], strict=True)
-        ]
+        sizes = z["sizes"] if "sizes" in z else None  # earlier stores: chunks of one length, stacked
+        parts = [fidelity.unragged(z[name], sizes) for name in ("indices", "logprobs", "target_logprobs")]
+        chunks = [fidelity.BaseChunk(i, lp.astype(np.float64), t) for i, lp, t in zip(*parts, strict=True)]
     return ids, chunks, vocab, dtype
 
 
@@ -149,6 +270,8 @@ def compare(req: dict) -> None:
     write_outcome(
         req, positions, ids, stored[0].k, vocab, t0, f"{str(model.dtype).removeprefix('torch.')} ({model.device.type})"
     )
+    if req.get("images"):
+        compare_images(req, model)
 
 
 def check_pairs(req: dict, ids: np.ndarray, again: np.ndarray, vocab: int, model_vocab: int) -> None:
@@ -160,7 +283,15 @@ def check_pairs(req: dict, ids: np.ndarray, again: np.ndarray, vocab: int, model
 
 
 def write_outcome(
-    req: dict, positions: list, ids: np.ndarray, k: int, vocab: int, t0: float, dtype: str, engine: str | None = None
+    req: dict,
+    positions: list,
+    ids: np.ndarray,
+    k: int,
+    vocab: int,
+    t0: float,
+    dtype: str,
+    engine: str | None = None,
+    label: str | None = None,
 ) -> None:
     """The per-position figures (``out``) and the summary (``summary``), said on the log."""
     fidelity.save_positions(Path(req["out"]), positions)
@@ -177,7 +308,8 @@ def write_outcome(
     } | ({"engine": engine} if engine else {})
     Path(req["summary"]).write_text(json.dumps(summary, indent=1))
     kld, same = summary["kld_mean"]["value"], summary["same_top"]["value"]
-    print(f"[fidelity] {engine + ' ' if engine else ''}{dtype}: mean KLD {kld:.5f}, same top {same:.3f}")
+    what = " ".join(x for x in (engine, dtype) if x) + (f", {label}" if label else "")
+    print(f"[fidelity] {what}: mean KLD {kld:.5f}, same top {same:.3f}")
 
 
 def run(req: dict, make_base=None, compare_with=None) -> None:
@@ -187,7 +319,8 @@ def run(req: dict, make_base=None, compare_with=None) -> None:
     t0, made = time.perf_counter(), False
     if req.get("make_base"):
         with locked(Path(req["lock"])) if req.get("lock") else contextlib.nullcontext():
-            if not Path(req["base"]).is_file():
+            stores = [req["base"]] + ([req["images_base"]] if req.get("images") else [])
+            if not all(Path(p).is_file() for p in stores):
                 make_base({**req, "model": req["base_model"], "revision": req.get("base_revision")})
                 made = True
     if req.get("model"):

@@ -32,13 +32,24 @@ def text_of(exp: Experiment) -> str | None:
     return exp.fidelity.data_path or exp.model.fidelity_text
 
 
+def images_of(exp: Experiment) -> str | None:
+    """A vision-language model's chart questions with their images (None: text only)."""
+    if exp.model.modality == "text":
+        return None
+    return exp.fidelity.images_path or exp.model.fidelity_images
+
+
 def settings_of(exp: Experiment) -> FidelitySettings | None:
     text = text_of(exp)
     if text is None:
         return None
-    f = exp.fidelity
-    sha = store.digest_cache(exp).digest(Path(text).expanduser())
-    return FidelitySettings(text=text, text_sha256=sha, seqlen=f.seqlen, max_tokens=f.max_tokens, top_k=f.top_k)
+    f, digests = exp.fidelity, store.digest_cache(exp)
+    sha = digests.digest(Path(text).expanduser())
+    settings = FidelitySettings(text=text, text_sha256=sha, seqlen=f.seqlen, max_tokens=f.max_tokens, top_k=f.top_k)
+    if (images := images_of(exp)) is not None:
+        settings.images, settings.max_images = images, f.max_images
+        settings.images_sha256 = digests.digest(Path(images).expanduser())
+    return settings
 
 
 def why_not(exp: Experiment) -> str | None:
@@ -57,7 +68,9 @@ def positions_path(exp: Experiment, key: str) -> Path:
 def base_path(exp: Experiment, settings: FidelitySettings, engine: str = "hf") -> Path:
     """The base's stored distributions: one per model, text and settings, and per engine (vLLM's
     apart from transformers': each side of a comparison from the same one)."""
-    ident = {"base": store.model_identity(exp), "settings": settings.model_dump(exclude={"text"})}
+    # the files by their content (the paths left out); a text model's as before chart questions came
+    same = settings.model_dump(exclude={"text", "images"}, exclude_none=True)
+    ident = {"base": store.model_identity(exp), "settings": same}
     if engine != "hf":
         ident["engine"] = engine
     return Path(exp.paths.work).resolve() / "fidelity" / f"base-{digest(ident)}.npz"
@@ -95,7 +108,7 @@ def request_for_evaluation(exp: Experiment, checkpoint: str, key: str) -> Path |
     settings, engine = settings_of(exp), evaluation_engine(exp)
     base = base_path(exp, settings, engine)
     req = _request(exp, settings, base, checkpoint if exp.quantized else None, key, vllm=engine == "vllm")
-    for name in ("done.json", "summary.json"):
+    for name in ("done.json", "summary.json", "summary-images.json"):
         (_outdir(exp, key) / name).unlink(missing_ok=True)
     return req
 
@@ -124,22 +137,39 @@ def measure(exp: Experiment, checkpoint: str, key: str, logs: Path) -> Measured:
     if not exp.quantized:
         return Measured(None, seconds)
     s = json.loads((_outdir(exp, key) / "summary.json").read_text())
-    where = (", text only" if exp.model.modality != "text" else "") + (", in the evaluation child" if in_eval else "")
-    fid = Fidelity(
-        settings=settings,
+    text_only = exp.model.modality != "text" and settings.images is None
+    where = (", text only" if text_only else "") + (", in the evaluation child" if in_eval else "")
+    fid = _figures(s, where, settings=settings, base=str(base), per_position=str(positions_path(exp, key)))
+    if settings.images is not None:
+        charts = json.loads((_outdir(exp, key) / "summary-images.json").read_text())
+        fid.images = _figures(charts, where, base=str(images_base(base)), per_position=str(images_positions(exp, key)))
+    return Measured(fid, seconds)
+
+
+def _figures(s: dict, where: str, **fields) -> Fidelity:
+    """A measurement from the child's summary."""
+    return Fidelity(
         measured=True,
         backend=f"{s.get('engine', 'hf')} {s['dtype']}{where}",
-        base=str(base),
         chunks=s["chunks"],
         positions=s["positions"],
         vocab=s["vocab"],
         exact=s["exact"],
         token_sha256=s["token_sha256"],
         figures={name: Figure(**s[name]) for name in SUMMARY},
-        per_position=str(positions_path(exp, key)),
         seconds=s["seconds"],
+        **fields,
     )
-    return Measured(fid, seconds)
+
+
+def images_base(base: Path) -> Path:
+    """The base's distributions on the chart questions, beside its text's."""
+    return base.with_name(f"{base.stem}-images.npz")
+
+
+def images_positions(exp: Experiment, key: str) -> Path:
+    path = positions_path(exp, key)
+    return path.with_name(f"{path.stem}-images.npz")
 
 
 def _outdir(exp: Experiment, key: str) -> Path:
@@ -169,6 +199,14 @@ def _request(
         "summary": str(out / "summary.json"),
         "done": str(out / "done.json"),
     }
+    if settings.images is not None:  # a vision-language model: chart questions with their images too
+        req |= {
+            "images": str(Path(settings.images).expanduser()),
+            "max_images": settings.max_images,
+            "images_base": str(images_base(base)),
+            "images_out": str(images_positions(exp, key)),
+            "images_summary": str(out / "summary-images.json"),
+        }
     if vllm:
         engine = engine_args(exp) | {"dtype": exp.model.dtype}
         req["engine"] = {k: v for k, v in engine.items() if v is not None}

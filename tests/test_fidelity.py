@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,3 +245,122 @@ def test_a_base_token_outside_the_checkpoints_top_k_gets_its_leftover_mass_sprea
     want = 0.5 * np.log(0.5 / 0.6) + 0.3 * np.log(0.3) - 0.3 * lq1 + tail_b * np.log(tail_b / tail_q)
     assert got.kld[0] == pytest.approx(want, rel=1e-12)
     assert got.same_top[0] and got.dp_top[0] == pytest.approx(0.1) and got.nll_quant[0] == pytest.approx(-np.log(0.6))
+
+
+# ---- a vision-language model's charts with their images --------------------------------------
+
+
+def write_charts(path, rows: list[tuple[bytes, str, str]]):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = [{"bytes": b, "path": None} for b, _, _ in rows]
+    table = pa.table({"image": image, "query": [q for _, q, _ in rows], "label": [[a] for _, _, a in rows]})
+    pq.write_table(table, path)
+    return path
+
+
+def test_consecutive_questions_on_one_image_are_one_chart_and_max_images_counts_charts(tmp_path):
+    rows = [(b"A", "q1", "1"), (b"A", "q2", "2"), (b"B", "q3", "3"), (b"A", "q4", "4")]
+    path = write_charts(tmp_path / "c.parquet", rows)
+    assert fidelity.charts(path) == [(b"A", [("q1", "1"), ("q2", "2")]), (b"B", [("q3", "3")]), (b"A", [("q4", "4")])]
+    assert fidelity.charts(path, limit=2) == fidelity.charts(path)[:2]
+    # the embedded held-out charts: 50 charts of 3 questions each (seed 3000, never trained on nor scored)
+    embedded = fidelity.charts(Path(validate(compose_cfg(["model=tiny_qwen3_vl"])).model.fidelity_images))
+    assert len(embedded) == 50 and {len(q) for _, q in embedded} == {3}
+
+
+@pytest.mark.parametrize(
+    "name,make,reason",
+    [
+        ("missing.parquet", None, "no such file"),
+        ("charts.jsonl", lambda p: p.write_text("{}\n"), "not a .parquet file"),
+        ("broken.parquet", lambda p: p.write_bytes(b"not parquet"), "not readable as parquet"),
+        ("empty.parquet", lambda p: write_charts(p, []), "it holds no questions"),
+    ],
+)
+def test_charts_that_cannot_be_read_are_refused_at_the_door_naming_path_and_reason(tmp_path, name, make, reason):
+    path = tmp_path / name
+    if make is not None:
+        make(path)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg(["model=tiny_qwen3_vl", f"fidelity.images_path={path}"]))
+    assert f"fidelity.images_path={path}: {reason}" in str(err.value) and "fidelity=none" in str(err.value)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_a_parquet_without_chartqas_columns_and_images_for_a_text_model_are_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"image": [{"bytes": b"x", "path": None}], "question": ["q"]}), path)
+    with pytest.raises(ConfigError, match="no query, label column"):
+        validate(compose_cfg(["model=tiny_qwen3_vl", f"fidelity.images_path={path}"]))
+    ok = write_charts(tmp_path / "c.parquet", [(b"A", "q", "1")])
+    with pytest.raises(ConfigError, match="model=tiny_llama is a text model and reads no image"):
+        validate(compose_cfg([f"fidelity.images_path={ok}"]))
+    assert validate(compose_cfg(["model=tiny_qwen3_vl", f"fidelity.images_path={ok}"])).fidelity.images_path == str(ok)
+
+
+def test_a_vision_language_models_request_asks_for_its_charts_and_a_text_models_does_not(tmp_path):
+    from autoround_exp import fidelity_stage
+
+    def req(*args):
+        exp = validate(
+            compose_cfg([f"paths.work={tmp_path / 'work'}", f"paths.results={tmp_path}/r", "serve=hf", *args])
+        )
+        return exp, json.loads(fidelity_stage.request_for_evaluation(exp, "/ckpt", "k").read_text())
+
+    exp, vlm = req("model=tiny_qwen3_vl")
+    assert vlm["images"].endswith("data/charts/dev.parquet") and vlm["max_images"] == 64
+    assert vlm["images_base"].endswith("-images.npz") and vlm["images_out"].endswith("k-images.npz")
+    s = fidelity_stage.settings_of(exp)
+    assert s.images == exp.model.fidelity_images and len(s.images_sha256) == len(s.text_sha256)
+    # text only where the model's charts are switched off: another store (the settings differ)
+    _, text_only = req("model=tiny_qwen3_vl", "model.fidelity_images=null")
+    assert "images" not in text_only and text_only["base"] != vlm["base"]
+    # a text model's settings and base store are those it had before charts came
+    exp, llama = req()
+    assert "images" not in llama and set(fidelity_stage.settings_of(exp).model_dump(exclude_none=True)) == {
+        "text",
+        "text_sha256",
+        "seqlen",
+        "max_tokens",
+        "top_k",
+    }
+
+
+def test_chunks_of_any_length_round_trip_and_earlier_equal_chunk_files_still_load(tmp_path):
+    rng = np.random.default_rng(3)
+    data = [
+        (log_softmax(b, axis=1), log_softmax(b + 0.1 * rng.normal(size=b.shape), axis=1), t)
+        for b, t in ((logits(rng, t=n), rng.integers(0, V, n)) for n in (7, 12, 3))
+    ]
+    pos = positions(data)
+    fidelity.save_positions(tmp_path / "p.npz", pos)
+    again = fidelity.load_positions(tmp_path / "p.npz")
+    assert [len(p.kld) for p in again] == [7, 12, 3]
+    assert all(
+        np.array_equal(a.kld, b.kld) and np.array_equal(a.nll_quant, b.nll_quant)
+        for a, b in zip(pos, again, strict=True)
+    )
+    assert fidelity.paired(pos, again).delta == 0
+    # a file written before: each figure stacked over chunks of one length, no sizes
+    equal = positions(chunks(rng, 3, 0.1))
+    fields = fidelity.Positions.__dataclass_fields__
+    np.savez(tmp_path / "old.npz", **{f: np.stack([getattr(c, f) for c in equal]) for f in fields})
+    old = fidelity.load_positions(tmp_path / "old.npz")
+    assert len(old) == 3 and all(np.array_equal(a.kld, b.kld) for a, b in zip(equal, old, strict=True))
+
+
+def test_the_base_orders_tied_tokens_as_argmax_does():
+    """bfloat16 logits tie often: the base's top token must be the one the checkpoint's argmax
+    would pick from the same numbers, or a model compared with itself disagrees with itself."""
+    lp = log_softmax(np.array([[0.0, 2.0, 1.0, 2.0, 2.0, -1.0] * 2]), axis=1)
+    for k in (3, 12):
+        b = fidelity.base_chunk(lp, np.array([0]), k)
+        assert b.indices[0, 0] == lp[0].argmax() == 1 and len(set(b.indices[0])) == k
+        assert np.allclose(b.logprobs[0, :3], lp[0].max())  # three of the six tied, the lowest first
+        assert fidelity.compare(b, lp, np.array([0])).same_top.all()

@@ -43,24 +43,58 @@ def run(workdir: Path, args: list[str], fidelity: bool = False) -> subprocess.Co
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vlm")
-    return workdir, run(workdir, SWEEP, fidelity=True)  # the fidelity stage on, as a user's sweep has it
+    # the fidelity stage on, as a user's sweep has it; 16 of the 50 held-out charts
+    return workdir, run(workdir, [*SWEEP, f"fidelity.max_images={CHARTS}"], fidelity=True)
 
 
-def test_each_quantized_run_is_compared_with_its_base_on_text_by_its_language_model(sweep):
-    """Fidelity on a vision-language model: the language model's next-token distributions on the
-    held-out text, no image, computed in the evaluation child (hf-multimodal) after chartqa."""
+CHARTS = 16
+
+
+def test_each_quantized_run_is_compared_with_its_base_on_text_and_on_charts_with_their_images(sweep):
+    """Fidelity on a vision-language model, in the evaluation child (hf-multimodal) after chartqa:
+    the next-token distributions on the held-out text, and on the text after the image of
+    held-out charts with their questions; both in the record, MLflow and the report."""
     workdir, proc = sweep
     recs = records(workdir)
     assert proc.stdout.count("the base's distributions stored") == 1, proc.stdout[-3000:]
+    _, logged = mlflow_runs(workdir)
     for name, rec in recs.items():
         f = rec["fidelity"]
         if name == "tiny_qwen3_vl-base":
             assert f is None and rec["stages"]["fidelity"] > 0
             continue
-        assert f["measured"] and f["backend"] == "hf bfloat16 (cpu), text only, in the evaluation child", f
+        assert f["measured"] and f["backend"] == "hf bfloat16 (cpu), in the evaluation child", f
         assert f["settings"]["text"].endswith("arith_gsm8k/dev.jsonl") and f["positions"] > 0
         assert f["vocab"] == 1024 and not f["exact"]  # the default top 512 of its 1024 tokens, the tail one bucket
         assert 0 < f["figures"]["kld_mean"]["value"] and 0.5 < f["figures"]["same_top"]["value"] < 1, (name, f)
+        charts = f["images"]
+        assert f["settings"]["images"].endswith("charts/dev.parquet") and f["settings"]["max_images"] == CHARTS
+        assert charts["measured"] and charts["chunks"] == CHARTS and charts["positions"] > 10 * CHARTS, charts
+        assert 0 < charts["figures"]["kld_mean"]["value"] and 0.5 < charts["figures"]["same_top"]["value"] <= 1
+        assert Path(charts["per_position"]).is_file() and Path(charts["base"]).is_file()
+        (run_,) = [r for r in logged if r.info.run_id == rec["tracking"]["run_id"]]
+        assert run_.data.metrics["fidelity_images/kld_mean"] == charts["figures"]["kld_mean"]["value"]
+    report = (workdir / "results" / "report.md").read_text()
+    assert f"positions of the text after the image of {CHARTS} charts of `dev.parquet`" in report
+
+
+def test_the_base_read_against_its_own_chart_store_gives_zero_divergence(sweep, tmp_path):
+    """The charts pair position by position: the base model against the distributions the sweep
+    stored for it (its tokens and pixels checked) gives KLD 0 and the same top token everywhere."""
+    workdir, _ = sweep
+    rec = records(workdir)["tiny_qwen3_vl-nvfp4-rtn"]
+    req = json.loads((workdir / "work" / "fidelity" / rec["key"] / "request.json").read_text())
+    req |= {"model": req["base_model"], "make_base": False, "done": None}
+    req |= {"out": str(tmp_path / "t.npz"), "summary": str(tmp_path / "t.json")}
+    req |= {"images_out": str(tmp_path / "c.npz"), "images_summary": str(tmp_path / "c.json")}
+    (tmp_path / "req.json").write_text(json.dumps(req))
+    argv = [sys.executable, "-m", "autoround_exp.fidelity_child", "compare", str(tmp_path / "req.json")]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for summary in ("t.json", "c.json"):
+        s = json.loads((tmp_path / summary).read_text())
+        assert s["kld_max"]["value"] == 0 and s["same_top"]["value"] == 1 and s["ln_ppl_ratio"]["value"] == 0, s
+    assert json.loads((tmp_path / "c.json").read_text())["chunks"] == CHARTS
 
 
 def test_every_job_of_the_sweep_finished_with_chartqa_scores_in_mlflow(sweep):

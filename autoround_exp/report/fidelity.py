@@ -3,7 +3,8 @@ agreement cells, the full report's table of every figure with its bootstrap inte
 paired KLD of each quantized config against RTN on the same positions.
 
 A row of several seeds shows the mean over its runs; its paired test pools their positions
-(each seed's checkpoint against the same base on the same chunks).
+(each seed's checkpoint against the same base on the same chunks). A vision-language model's
+charts with their images (``Fidelity.images``) get a table of their own (``images=True``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,14 @@ from autoround_exp.report import tables
 from autoround_exp.report.runs import Row, Section
 
 
-def _measured(row: Row) -> list:
-    return [r.record.fidelity for r in row.runs if r.record.fidelity is not None and r.record.fidelity.measured]
+def _part(f, images: bool):
+    """The text's measurement, or the charts' (None where the run has none)."""
+    return None if f is None else f.images if images else f
+
+
+def _measured(row: Row, images: bool = False) -> list:
+    found = [_part(r.record.fidelity, images) for r in row.runs]
+    return [f for f in found if f is not None and f.measured]
 
 
 def has_fidelity(section: Section) -> bool:
@@ -49,22 +56,22 @@ def same_top_cell(row: Row) -> str:
     return "" if v is None else f"{100 * v:.1f} %"
 
 
-def positions(row: Row) -> list[fidelity.Positions] | None:
+def positions(row: Row, images: bool = False) -> list[fidelity.Positions] | None:
     """Every chunk of the row's runs, in order (None if one of them has no per-position file)."""
     out = []
-    for f in _measured(row):
+    for f in _measured(row, images):
         if not f.per_position or not Path(f.per_position).is_file():
             return None
         out += fidelity.load_positions(Path(f.per_position))
     return out or None
 
 
-def paired_vs_rtn(section: Section, row: Row) -> fidelity.PairedKLD | None:
+def paired_vs_rtn(section: Section, row: Row, images: bool = False) -> fidelity.PairedKLD | None:
     """Mean KLD of ``row`` minus RTN's, on the same positions (None: no RTN row, or no files)."""
     rtn = tables.rtn_of(section, row)
     if rtn is None or rtn is row or len(rtn.runs) != 1 and len(rtn.runs) != len(row.runs):
         return None
-    a, b = positions(rtn), positions(row)
+    a, b = positions(rtn, images), positions(row, images)
     if a is None or b is None:
         return None
     if len(a) != len(b):  # one RTN run against several seeds: RTN repeated, one per seed
@@ -79,19 +86,19 @@ def _fig(f, name: str, digits: int = 4) -> str:
     return f"{fig.value:.{digits}f} [{fig.low:.{digits}f}, {fig.high:.{digits}f}]" if fig else ""
 
 
-def table(section: Section, alpha: float) -> str | None:
+def table(section: Section, alpha: float, images: bool = False) -> str | None:
     """Each quantized row against its base: the figures with 95 % intervals, and Δ mean KLD vs RTN."""
     from tabulate import tabulate
 
     body = []
     for row in section.rows:
-        f = row.first.record.fidelity
+        f = _part(row.first.record.fidelity, images)
         if row.first.record.method == "none" or f is None:
             continue
         if not f.measured:
             body.append([row.first.short_label, f"not measured: {f.reason}", *[""] * 5])
             continue
-        t = paired_vs_rtn(section, row)
+        t = paired_vs_rtn(section, row, images)
         vs = ""
         if t is not None:
             verdict = "noise" if t.within_noise(alpha) else ("lower" if t.delta < 0 else "higher")
@@ -114,16 +121,22 @@ def table(section: Section, alpha: float) -> str | None:
     return tabulate(body, headers, tablefmt="pipe", disable_numparse=True)
 
 
-def caption(section: Section) -> str | None:
-    measured = [f for row in section.rows for f in _measured(row)]
+def caption(section: Section, images: bool = False) -> str | None:
+    measured = [(r.record.fidelity, _part(r.record.fidelity, images)) for row in section.rows for r in row.runs]
+    measured = [(whole, f) for whole, f in measured if f is not None and f.measured]
     if not measured:
         return None
-    f = measured[0]
-    s = f.settings
+    whole, f = measured[0]
+    s = whole.settings
     exact = "exact" if f.exact else f"the base's top {s.top_k} of {f.vocab} tokens and the rest as one bucket"
+    where = (
+        f"the text after the image of {f.chunks} charts of `{Path(s.images).name}` (one chunk each: its "
+        "questions and answers in one conversation, through the chat template)"
+        if images
+        else f"`{Path(s.text).name}` ({f.chunks} chunks of {s.seqlen} tokens)"
+    )
     return (
-        f"Against the unquantized model on {f.positions} positions of `{Path(s.text).name}` "
-        f"({f.chunks} chunks of {s.seqlen} tokens; KL {exact}), computed by {f.backend}. "
+        f"Against the unquantized model on {f.positions} positions of {where}; KL {exact}; computed by {f.backend}. "
         "[95 % bootstrap interval over chunks]; Δ vs RTN: paired on the same positions, sign-flip test."
     )
 

@@ -85,6 +85,9 @@ def render(
                 png = fidelity.plot(section, plots_dir / f"{section.slug}-fidelity.png", write_plots)
                 _image(report, parts, png, f"fidelity vs iters and vs accuracy, {section.title}", link_from)
             parts.append(fid_table)
+        if (charts_table := fidelity.table(section, alpha, images=True)) is not None:
+            about = fidelity.caption(section, images=True) or ""
+            parts += [f"Fidelity on charts with their images: {about}", charts_table]
         if (pub_table := tables.published_table(section, pub)) is not None:
             parts += [
                 f"Ours vs **published** (upstream, [{pub['source']}]({pub['source']}); published stderr "

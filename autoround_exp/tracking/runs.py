@@ -159,11 +159,14 @@ def perf_tags(perf) -> dict[str, str]:
     return {"perf": f"{perf.settings.num_prompts} x {perf.input_len}+{perf.output_len} tokens, {perf.workload}"}
 
 
-def fidelity_metrics(f) -> dict[str, float]:
-    """``fidelity/<figure>`` and its bootstrap interval, ``fidelity/<figure>_low`` / ``_high``."""
+def fidelity_metrics(f, prefix: str = "fidelity") -> dict[str, float]:
+    """``fidelity/<figure>`` and its bootstrap interval, ``fidelity/<figure>_low`` / ``_high``; a
+    vision-language model's charts with their images the same under ``fidelity_images/``."""
     out = {}
     for name, fig in f.figures.items():
-        out |= {f"fidelity/{name}": fig.value, f"fidelity/{name}_low": fig.low, f"fidelity/{name}_high": fig.high}
+        out |= {f"{prefix}/{name}": fig.value, f"{prefix}/{name}_low": fig.low, f"{prefix}/{name}_high": fig.high}
+    if f.images is not None:
+        out |= fidelity_metrics(f.images, "fidelity_images")
     return out
 
 
@@ -172,7 +175,11 @@ def fidelity_tags(f) -> dict[str, str]:
         return {"fidelity": f"not measured: {f.reason}"}
     s = f.settings
     exact = "exact" if f.exact else f"top {s.top_k} of {f.vocab} + tail"
-    return {"fidelity": f"{f.positions} positions of {Path(s.text).name} in chunks of {s.seqlen}, {exact}, {f.backend}"}
+    tags = {"fidelity": f"{f.positions} positions of {Path(s.text).name} in chunks of {s.seqlen}, {exact}, {f.backend}"}
+    if (i := f.images) is not None and i.measured:
+        charts = f"{i.chunks} charts of {Path(s.images).name}"
+        tags["fidelity_images"] = f"{i.positions} positions after the image of {charts}, {i.backend}"
+    return tags
 
 
 # the stages whose figures a stored run may gain later (a re-run with other settings)
