@@ -386,12 +386,16 @@ def evaluate(
     if exp.serve.backend == "vllm_server":
         port = vllm_server.free_port()
         server_cmd = server_argv(exp, checkpoint, port)
+        if fidelity_request is not None:  # its prompt log-probabilities, read after lm-eval (fidelity_vllm)
+            server_cmd += ["--max-logprobs", str(json.loads(fidelity_request.read_text())["top_k"])]
         (out_dir / "server_command.txt").write_text(" ".join(server_cmd) + "\n")
         server_log = log_dir / "vllm_server.log"
         with vllm_server.running(server_cmd, port, server_log, exp.serve.startup_timeout_s, env) as (base_url, _):
             argv = lm_eval_argv(exp, checkpoint, lm_out, task_dir, base_url)
             (out_dir / "command.txt").write_text(command_text(argv, lm_env))
-            child.run(argv, log_path, exp.eval.timeout_s, what, env=lm_env, stage=stage)
+            # the fidelity stage after lm-eval, in the same child, while the server is still up
+            with_fidelity = lm_env | fidelity_env(fidelity_request)
+            child.run(argv, log_path, exp.eval.timeout_s, what, env=with_fidelity, stage=stage)
         kernel_log = server_log
     else:
         argv = lm_eval_argv(exp, checkpoint, lm_out, task_dir)

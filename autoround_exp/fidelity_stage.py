@@ -4,7 +4,8 @@ transformers backend scores the run, its evaluation child computes them right af
 run, with torch and transformers loaded (``request_for_evaluation``); otherwise, or if that
 failed, and for a stored run measured anew, the stage runs the same request in a child of its
 own. Where lm-eval's vllm backend scores a text model, the evaluation child reads vLLM's prompt
-log-probabilities instead (``fidelity_vllm``), against a base that vLLM computed.
+log-probabilities instead (``fidelity_vllm``), against a base that vLLM computed; where
+``vllm serve`` scores it, the same from that server's completions API while it is still up.
 
 The base's distributions are stored once per identity (the model's weights, the text's
 content, seqlen, max_tokens, top_k) under ``<paths.work>/fidelity/``: the sweep's base job
@@ -80,11 +81,12 @@ def evaluation_engine(exp: Experiment) -> str | None:
     """What computes the run's fidelity inside its evaluation child, after lm-eval: transformers
     where lm-eval's hf backends score it (torch and transformers loaded: a child of the stage's
     own spends 8 of its 10 s loading them on 2 CPU cores), vLLM's prompt log-probabilities where
-    its vllm backend scores a text model (what vLLM serves, measured). None: the stage's own child."""
+    its vllm backend or ``vllm serve`` scores a text model (what vLLM serves, measured). None:
+    the stage's own child."""
     if exp.serve.backend == "hf":
         return "hf"
-    if exp.serve.backend == "vllm" and exp.model.modality == "text":
-        return "vllm"
+    if exp.serve.backend in ("vllm", "vllm_server") and exp.model.modality == "text":
+        return exp.serve.backend  # vllm_server: the server's completions API, while it is up
     return None
 
 
@@ -107,7 +109,7 @@ def request_for_evaluation(exp: Experiment, checkpoint: str, key: str) -> Path |
         return None
     settings, engine = settings_of(exp), evaluation_engine(exp)
     base = base_path(exp, settings, engine)
-    req = _request(exp, settings, base, checkpoint if exp.quantized else None, key, vllm=engine == "vllm")
+    req = _request(exp, settings, base, checkpoint if exp.quantized else None, key, engine=engine)
     for name in ("done.json", "summary.json", "summary-images.json"):
         (_outdir(exp, key) / name).unlink(missing_ok=True)
     return req
@@ -177,11 +179,12 @@ def _outdir(exp: Experiment, key: str) -> Path:
 
 
 def _request(
-    exp: Experiment, settings: FidelitySettings, base: Path, model: str | None, key: str, vllm: bool = False
+    exp: Experiment, settings: FidelitySettings, base: Path, model: str | None, key: str, engine: str = "hf"
 ) -> Path:
     """The child's request, written: the base stored unless it is (under a lock: parallel jobs
-    make it once), then ``model`` compared with it; ``vllm``: through vLLM, with the accuracy
-    run's engine settings (``engine``, which ``lm_eval_cli`` tells ``fidelity_vllm`` by)."""
+    make it once), then ``model`` compared with it; ``engine`` vllm: through vLLM, with the
+    accuracy run's engine settings (``engine``, which ``lm_eval_cli`` tells ``fidelity_vllm``
+    by); vllm_server: through the server that scored the run (its settings are the server's)."""
     out = _outdir(exp, key)
     out.mkdir(parents=True, exist_ok=True)
     req = settings.model_dump(include={"text", "seqlen", "max_tokens", "top_k"}) | {
@@ -207,8 +210,10 @@ def _request(
             "images_out": str(images_positions(exp, key)),
             "images_summary": str(out / "summary-images.json"),
         }
-    if vllm:
-        engine = engine_args(exp) | {"dtype": exp.model.dtype}
-        req["engine"] = {k: v for k, v in engine.items() if v is not None}
+    if engine == "vllm":
+        args = engine_args(exp) | {"dtype": exp.model.dtype}
+        req["engine"] = {k: v for k, v in args.items() if v is not None}
+    elif engine == "vllm_server":
+        req["engine"] = {"server": True, "dtype": exp.model.dtype}
     (out / "request.json").write_text(json.dumps(req, indent=2))
     return out / "request.json"

@@ -10,7 +10,8 @@ serving environment; the arguments are lm-eval's own and its results are unchang
   lm-eval's metrics that use it (f1, mcc) still import it when they run.
 - The fidelity stage after lm-eval, in the same process, where the harness names a request
   (``fidelity_child.REQUEST_ENV``): through transformers (``fidelity_child``) after lm-eval's
-  transformers backend, through vLLM's prompt log-probabilities (``fidelity_vllm``) after its vllm one.
+  transformers backend, through vLLM's prompt log-probabilities (``fidelity_vllm``) after its vllm
+  one, and through the server's completions API after ``local-completions`` against ``vllm serve``.
 - Own tasks only: when every task named by ``--tasks`` is defined by a YAML in
   ``--include_path`` (the harness writes one per run; it includes lm-eval's stock task by
   path), lm-eval's ``TaskManager`` is built with ``include_defaults=False``. The CLI would
@@ -102,10 +103,10 @@ def fidelity_after_evaluation() -> None:
     from pathlib import Path
 
     req = json.loads(Path(request).read_text())
-    if "engine" in req:  # lm-eval's vLLM backend scored the run
+    if "engine" in req:  # lm-eval's vLLM backend scored the run, or `vllm serve` (still up)
         from autoround_exp import fidelity_vllm
 
-        fidelity_vllm.after_evaluation(req)
+        fidelity_vllm.after_evaluation(req, _option(sys.argv[1:], "--model_args"))
     else:
         from autoround_exp import fidelity_child
 

@@ -25,10 +25,10 @@ def declared() -> set[str]:
 
 # Run by the serve environment's interpreter (vllm_bench by path; fidelity_vllm in lm-eval's vllm
 # child): they import the standard library and what that environment's `make env` installs (vLLM,
-# and torch and numpy with it).
+# and torch, numpy and transformers with it).
 SERVE_ENV_FILES = {
     "autoround_exp/vllm_bench.py": {"vllm"},
-    "autoround_exp/fidelity_vllm.py": {"vllm", "numpy", "torch"},
+    "autoround_exp/fidelity_vllm.py": {"vllm", "numpy", "torch", "transformers"},
 }
 
 

@@ -166,7 +166,7 @@ def test_the_evaluation_child_computes_fidelity_with_transformers_or_with_vllm_f
     assert fidelity_stage.in_evaluation(exp("serve=hf")) and fidelity_stage.in_evaluation(
         exp("model=tiny_qwen3_vl", "serve=hf")
     )
-    nots = (["serve=vllm_server"], ["serve=hf", "fidelity=none"], ["serve=hf", "model.fidelity_text=null"])
+    nots = (["serve=hf", "fidelity=none"], ["serve=hf", "model.fidelity_text=null"])
     for args in (*nots, ["model=tiny_qwen3_vl", "serve=vllm"]):
         assert (
             not fidelity_stage.in_evaluation(exp(*args))
@@ -185,6 +185,10 @@ def test_the_evaluation_child_computes_fidelity_with_transformers_or_with_vllm_f
     engine = {"max_model_len": 2048, "enforce_eager": True, "dtype": "bfloat16", "gpu_memory_utilization": 0.9}
     assert vllm["engine"] == engine | {"tensor_parallel_size": 1}
     assert vllm["base"] != req["base"] and vllm["lock"] != req["lock"]
+    # `vllm serve`'s: the server that scored it (still up), a base store of its own
+    server = json.loads(fidelity_stage.request_for_evaluation(exp("serve=vllm_server"), "/ckpt", "k").read_text())
+    assert server["engine"] == {"server": True, "dtype": "bfloat16"}
+    assert server["base"] not in (req["base"], vllm["base"])
 
 
 def test_a_failure_in_the_evaluation_child_leaves_no_outcome_and_the_accuracy_run_stands(tmp_path, capsys):
@@ -202,7 +206,10 @@ def test_the_entry_runs_the_request_the_harness_names_after_lm_eval(monkeypatch,
 
     seen = []
     monkeypatch.setattr(fidelity_child, "after_evaluation", lambda path: seen.append(("hf", path)))
-    monkeypatch.setattr(fidelity_vllm, "after_evaluation", lambda req: seen.append(("vllm", req["engine"])))
+    monkeypatch.setattr(fidelity_vllm, "after_evaluation", lambda req, args: seen.append(("vllm", req["engine"], args)))
+    # lm-eval's arguments: local-completions names the server that is still up
+    url = "http://127.0.0.1:8123/v1/completions"
+    monkeypatch.setattr("sys.argv", ["lm_eval_cli", "--model_args", f"model=Tiny-W8A8,base_url={url},tokenizer=/c"])
     monkeypatch.delenv(fidelity_child.REQUEST_ENV, raising=False)
     lm_eval_cli.fidelity_after_evaluation()
     hf, vllm = tmp_path / "hf.json", tmp_path / "vllm.json"
@@ -211,7 +218,11 @@ def test_the_entry_runs_the_request_the_harness_names_after_lm_eval(monkeypatch,
     for request in (hf, vllm):
         monkeypatch.setenv(fidelity_child.REQUEST_ENV, str(request))
         lm_eval_cli.fidelity_after_evaluation()
-    assert seen == [("hf", str(hf)), ("vllm", {"max_model_len": 2048})]
+    args = f"model=Tiny-W8A8,base_url={url},tokenizer=/c"
+    assert seen == [("hf", str(hf)), ("vllm", {"max_model_len": 2048}, args)]
+    assert fidelity_vllm.server_of(args) == (url, "Tiny-W8A8")
+    chat = args.replace("/v1/completions", "/v1/chat/completions")
+    assert fidelity_vllm.server_of(chat) == (url, "Tiny-W8A8")  # prompt log-probabilities: the completions API
 
 
 def quant_top(q: np.ndarray, targets: np.ndarray, k: int) -> fidelity.BaseChunk:

@@ -42,6 +42,9 @@ def sweep(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vllm")
     # W8A8 RTN in both modes (the unquantized model in vLLM: the timeout, Ctrl-C and auto tests
     # below), with the fidelity stage: in vLLM's evaluation child for the in-process run
+    # (`vllm serve`'s: its server's completions API, against the base its own base job stored)
+    base = ["serve=vllm_server", "method=none", f"eval.limit={LIMIT}"]
+    run_py(workdir, *base, "report.readme=null", fidelity=True)
     args = ["-m", "serve=vllm,vllm_server", "scheme=w8a8", "method=rtn", "baselines=false", f"eval.limit={LIMIT}"]
     proc = run_py(workdir, *args, fidelity=True)
     return workdir, proc
@@ -55,8 +58,12 @@ def records(workdir: Path) -> dict[tuple[str, str], dict]:
 def test_w8a8_runs_in_both_vllm_modes(sweep):
     workdir, proc = sweep
     recs = records(workdir)
-    assert set(recs) == {("tiny_llama-w8a8-rtn", scorer) for scorer in ("vllm", "vllm_server")}
-    for (_, scorer), rec in recs.items():
+    assert set(recs) == {("tiny_llama-w8a8-rtn", scorer) for scorer in ("vllm", "vllm_server")} | {
+        ("tiny_llama-base", "vllm_server")
+    }
+    for (name, scorer), rec in recs.items():
+        if name == "tiny_llama-base":
+            continue
         ev = rec["eval"]
         assert ev["lm_eval_model"] == {"vllm": "vllm", "vllm_server": "local-completions"}[scorer]
         assert ev["platform"]["vllm"].startswith("0.32.0") and ev["platform"]["cuda"] == PLATFORM["cuda"]
@@ -126,14 +133,25 @@ def test_fidelity_in_vllms_evaluation_child_reads_its_prompt_log_probabilities(s
     assert f["exact"] and f["vocab"] == 384 and f["positions"] == 4096, f  # all 384 tokens: exact
     kld, same = f["figures"]["kld_mean"]["value"], f["figures"]["same_top"]["value"]
     assert 0 < kld < 0.05 and same > 0.9, f  # int8 weights and activations: close to the base, not equal
-    apart = recs[("tiny_llama-w8a8-rtn", "vllm_server")]["fidelity"]
-    assert apart["measured"] and apart["backend"].startswith("hf ") and apart["base"] != f["base"], apart
+    # `vllm serve`'s run: the server's completions API (prompt_logprobs), against the base its
+    # own server gave (the base job's), both vLLM: the same int8 kernel, the same divergence
+    served = recs[("tiny_llama-w8a8-rtn", "vllm_server")]["fidelity"]
+    assert served["backend"] == "vllm serve bfloat16 (cpu), in the evaluation child", served
+    assert served["exact"] and served["positions"] == 4096 and served["base"] != f["base"], served
+    assert served["figures"]["kld_mean"]["value"] == pytest.approx(kld, rel=0.05), (served, f)
+    assert "[fidelity] base (vllm serve)" in _log(workdir)
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
-    with np.load(f["base"]) as z:
-        ids, indices, logprobs = z["ids"][:4], z["indices"][:4], z["logprobs"][:4].astype(np.float64)
+    from autoround_exp.fidelity_child import load_base
+
+    ids, stored, _, _ = load_base(Path(f["base"]))
+    ids, indices, logprobs = (
+        ids[:4],
+        np.stack([c.indices for c in stored[:4]]),
+        np.stack([c.logprobs for c in stored[:4]]),
+    )
     model = AutoModelForCausalLM.from_pretrained(
         recs[("tiny_llama-w8a8-rtn", "vllm")]["model"]["path"], dtype=torch.bfloat16
     )
