@@ -189,7 +189,6 @@ def images_request(req: dict) -> dict:
         "base": req["images_base"],
         "out": req.get("images_out"),
         "summary": req.get("images_summary"),
-        "model": req.get("model"),
     }
 
 
