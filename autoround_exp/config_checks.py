@@ -23,7 +23,6 @@ from autoround_exp.config import (
     METHODS,
     MODALITIES,
     README_SCOPES,
-    TRACKING_SCHEMES,
     CalibrationConfig,
     ConfigError,
     EvalConfig,
@@ -44,6 +43,7 @@ from autoround_exp.config import (
     resolved_for,
 )
 from autoround_exp.fidelity import charts_problem, text_problem
+from autoround_exp.stack import check_stack
 
 
 def choices(key: str, value: Any, allowed) -> None:
@@ -53,6 +53,9 @@ def choices(key: str, value: Any, allowed) -> None:
 
 def _is_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+
+
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "databricks")
 
 
 def check_tracking(t: TrackingConfig) -> None:
@@ -402,6 +405,7 @@ def validate(cfg: DictConfig) -> Experiment:
     check_perf(typed.perf)
     check_fidelity(typed.fidelity, typed.model)
     check_report(typed.report)
+    check_stack(typed.stack)
     check_gpus(typed.gpus)
     if typed.tracking.enabled:
         check_tracking(typed.tracking)
@@ -423,4 +427,5 @@ def validate(cfg: DictConfig) -> Experiment:
         seed=typed.seed,
         perf=typed.perf,
         fidelity=typed.fidelity,
+        stack=typed.stack,
     )

@@ -28,6 +28,7 @@ from autoround_exp import child, fidelity_child, vllm_server
 from autoround_exp.backend import probe
 from autoround_exp.config import Experiment, data_files
 from autoround_exp.record import Bos, Evaluation
+from autoround_exp.stack import child_env as stack_child_env
 
 LM_EVAL_MODEL = {
     ("hf", "text"): "hf",
@@ -284,6 +285,8 @@ def child_env(exp: Experiment) -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     if exp.serve.backend != "hf" and not exp.serve_choice.platform["cuda"]:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(exp.model.vllm.cpu_kvcache_space_gb)
+    if exp.stack_env is not None and exp.serve.python == exp.stack_env.python:
+        env |= stack_child_env(exp.stack_env)
     return env
 
 

@@ -25,6 +25,7 @@ from autoround_exp.config import Experiment
 from autoround_exp.evaluate import engine_args
 from autoround_exp.fidelity import SUMMARY, Fidelity, FidelitySettings, Figure
 from autoround_exp.fsutil import digest
+from autoround_exp.stack import child_env as stack_child_env
 
 TIMEOUT_S = 4 * 3600
 
@@ -74,6 +75,8 @@ def base_path(exp: Experiment, settings: FidelitySettings, engine: str = "hf") -
     ident = {"base": store.model_identity(exp), "settings": same}
     if engine != "hf":
         ident["engine"] = engine
+    elif exp.stack_env is not None:  # transformers of the stack computes the base too
+        ident["stack_digest"] = exp.stack_env.digest
     return Path(exp.paths.work).resolve() / "fidelity" / f"base-{digest(ident)}.npz"
 
 
@@ -130,8 +133,9 @@ def measure(exp: Experiment, checkpoint: str, key: str, logs: Path) -> Measured:
         req = _request(exp, settings, base, model, key)
         done.unlink(missing_ok=True)
         log = logs / ("fidelity-base.log" if model is None else "fidelity.log")
-        argv = [sys.executable, "-m", "autoround_exp.fidelity_child", "run", str(req)]
-        child.run(argv, log, TIMEOUT_S, "fidelity", stage="fidelity")
+        python = exp.stack_env.python if exp.stack_env is not None else sys.executable  # the stack's transformers
+        argv = [python, "-m", "autoround_exp.fidelity_child", "run", str(req)]
+        child.run(argv, log, TIMEOUT_S, "fidelity", env=stack_child_env(exp.stack_env), stage="fidelity")
         info = json.loads(done.read_text())
     if info["made_base"]:
         print(f"[fidelity] {exp.model.name}: the base's distributions stored, {base}", flush=True)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
+from datetime import datetime
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 from autoround_exp import fidelity_stage, lmeval_results, progress, record, serving_cost, store
 from autoround_exp.config import AUTOROUND_METHODS, ConfigError, Experiment, MethodConfig
 from autoround_exp.evaluate import EvalResult, evaluate, prestart
-from autoround_exp.fsutil import locked
+from autoround_exp.fsutil import digest, locked
 from autoround_exp.jobstatus import Outcome
 from autoround_exp.quantize import CALIBRATION_FILE, RESULT_FILE, quantize
 from autoround_exp.record import (
@@ -107,7 +108,7 @@ def _run_one(
         table=rows,
         metrics=lmeval_results.mlflow_metrics(rows),
         lm_eval=lmeval_results.summary(results_json),
-        versions=store.versions(),
+        versions=store.run_versions(exp),
         artifacts=artifacts_of(ev, logs, quant),
         parent_run_id=parent_run_id,
     )
@@ -310,6 +311,21 @@ def record_failure(
             rec.tracking = Tracking(status="pending", error=error, parent_run_id=parent_run_id)
     path = store.Store(exp.paths.results).save_failure(rec)
     print(f"[failed] {name} key={key} record={path}", flush=True)
+
+
+def stack_failed(
+    exp: Experiment, sweep_id: str, err: Exception, parent_run_id: str | None, started: float
+) -> list[Outcome]:
+    """A job whose stack cannot be had (``stack.StackError``): recorded as failed under a key of
+    its config and stack (no versions to key it by), so that the sweep's summary and the report's
+    stack comparison name it; nothing ran."""
+    name = run_name(exp)
+    ident = {"run": name, "model": store.model_identity(exp), "stack": asdict(exp.stack), "limit": exp.eval.limit}
+    key = "stack-" + digest(ident)
+    started_at = datetime.fromtimestamp(started).astimezone().isoformat(timespec="milliseconds")
+    record_failure(exp, name, key, key, sweep_id, err, Path("/nonexistent"), started_at, parent_run_id)
+    first_line = (str(err).splitlines() or [""])[0]
+    return [Outcome(name, key, "failed", {}, None, f"{type(err).__name__}: {first_line}")]
 
 
 def short_label(exp: Experiment) -> str:

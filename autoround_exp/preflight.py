@@ -12,8 +12,9 @@ from dataclasses import replace
 from omegaconf import DictConfig
 
 from autoround_exp import config_checks
-from autoround_exp.backend import ServeEnvError, choose
+from autoround_exp.backend import ServeEnvError, choose, hf_choice
 from autoround_exp.config import ConfigError, Experiment, redact_uri
+from autoround_exp.stack import StackError, prepare
 from autoround_exp.store import IdentityError, pin_revision
 from autoround_exp.tracking import check_reachable
 
@@ -78,3 +79,22 @@ def at_the_door(exp: Experiment) -> Experiment:
         return pin_revision(exp)
     except IdentityError as e:
         raise ConfigError(str(e)) from e
+
+
+def with_stack(exp: Experiment) -> Experiment:
+    """``exp`` in its stack's environment, resolved and built on first use (``stack.prepare``):
+    the quantize child, and the hf evaluation with the fidelity child, run there; a vLLM backend
+    stays in the serve environment. Raises ``StackError`` (the resolver's or installer's reason)
+    for a stack that cannot be had: in a sweep, that job fails and the others go on."""
+    env = prepare(exp.stack, exp.paths.work)
+    if env is None:
+        return exp
+    serve, choice = exp.serve, exp.serve_choice
+    if choice is not None and choice.backend == "hf":
+        try:
+            choice = hf_choice(choice.requested, env.python, choice.reason, exp.model.modality)
+        except ServeEnvError as err:
+            raise StackError(f"stack={env.name}: {err}") from err
+        serve = replace(serve, python=env.python)
+    resolved = {**exp.resolved, "stack": {**exp.resolved["stack"], "digest": env.digest, "moved": env.moved}}
+    return replace(exp, serve=serve, serve_choice=choice, stack_env=env, resolved=resolved)

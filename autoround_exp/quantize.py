@@ -26,6 +26,7 @@ from autoround_exp.config import (
     ignores,
 )
 from autoround_exp.record import Quantization
+from autoround_exp.stack import child_env as stack_child_env
 
 RESULT_FILE = "quantization.json"
 ERROR_PREFIX = "autoround-exp: "
@@ -66,9 +67,11 @@ def quantize(exp: Experiment, out_dir: Path, log_path: Path, timeout_s: float = 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     req_path = out_dir.parent / f"{out_dir.name}.request.json"
     req_path.write_text(json.dumps(request(exp, out_dir), indent=2))
-    argv = [sys.executable, "-m", "autoround_exp.quantize", str(req_path)]
-    # model.quantize_device=cpu: the child sees no GPU, whatever the machine has
-    env = {"CUDA_VISIBLE_DEVICES": ""} if exp.model.quantize_device == "cpu" else None
+    python = exp.stack_env.python if exp.stack_env is not None else sys.executable
+    argv = [python, "-m", "autoround_exp.quantize", str(req_path)]
+    env = stack_child_env(exp.stack_env) or {}
+    if exp.model.quantize_device == "cpu":  # the child sees no GPU, whatever the machine has
+        env["CUDA_VISIBLE_DEVICES"] = ""
     try:
         child.run(argv, log_path, timeout_s, "quantization", env=env, stage=f"quantize {exp.method.name}")
     except child.ChildFailed as e:

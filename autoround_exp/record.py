@@ -241,6 +241,16 @@ class Tracking(_Strict):
     parent_run_id: str | None = None  # the MLflow run of the -m sweep that ran it (None: a single run)
 
 
+class Stack(_Strict):
+    """The software stack the run's children ran in (``stack=``; None: pinned)."""
+
+    name: str
+    digest: str  # sha256 of its resolved requirements, 16 hex
+    moved: dict[str, str]  # what differs from the pinned constraints: name -> "pinned → stack"
+    resolve_s: float
+    build_s: float | None = None  # None: the environment was built before
+
+
 class RunRecord(_Strict):
     schema_version: int = SCHEMA_VERSION
     name: str
@@ -275,6 +285,7 @@ class RunRecord(_Strict):
     tracking: Tracking = Field(default_factory=Tracking)
     perf: Perf | None = None  # serving cost, when perf=throughput measured it
     fidelity: Fidelity | None = None  # against the base (fidelity=kld); None: off, or the base itself
+    stack: Stack | None = None  # None: stack=pinned, the project's own environments
     # what MLflow gets beside the record: lm-eval outputs, logs, checkpoint files
     artifacts: dict[str, list[str]] = Field(default_factory=dict)
 
@@ -376,6 +387,7 @@ def assemble(
         config=exp.resolved,
         artifacts=artifacts,
         tracking=Tracking(parent_run_id=parent_run_id),
+        stack=exp.stack_env.record() if exp.stack_env is not None else None,
     )
 
 

@@ -41,6 +41,19 @@ def versions(names=QUANT_LIBS + ("lm-eval",)) -> dict[str, str | None]:
     return out
 
 
+def quant_versions(exp: Experiment) -> dict[str, str | None]:
+    """The quantization libraries' versions where the job's children run: this environment's,
+    or its stack's."""
+    return run_versions(exp, QUANT_LIBS)
+
+
+def run_versions(exp: Experiment, names=QUANT_LIBS + ("lm-eval",)) -> dict[str, str | None]:
+    env = exp.stack_env
+    if env is None:
+        return versions(names)
+    return {name: env.version(name) for name in names}
+
+
 class IdentityError(RuntimeError):
     """What a run's identity needs cannot be had; the message says what to set."""
 
@@ -129,7 +142,9 @@ def quant_identity(exp: Experiment) -> dict:
     ident = model_identity(exp) | {"method": q.name}
     if not exp.quantized:
         return ident
-    ident |= {"scheme": exp.scheme.preset, "ignore": list(m.ignore), "versions": versions(QUANT_LIBS)}
+    ident |= {"scheme": exp.scheme.preset, "ignore": list(m.ignore), "versions": quant_versions(exp)}
+    if exp.stack_env is not None:  # every resolved package, not only the five named above
+        ident["stack_digest"] = exp.stack_env.digest
     knobs = {k: getattr(q, k) for k in METHOD_KNOBS[q.name] if not (k in OPTIONAL_KNOBS and getattr(q, k) is None)}
     if q.name in AUTOROUND_METHODS:
         ident["autoround"] = knobs  # under this name since the first keys: they stay as they were
@@ -207,6 +222,9 @@ class Store:
         path = self.failed / f"{rec.name}__{rec.key}.json"
         write_atomic(path, rec.to_json())
         return path
+
+    def failures(self) -> list[FailureRecord]:
+        return [record.load_any(p) for p in sorted(self.failed.glob("*.json"))]
 
     def records(self) -> list[RunRecord]:
         return [record.load(p) for p in sorted(self.runs.glob("*.json"))]

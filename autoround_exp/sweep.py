@@ -76,7 +76,9 @@ def start(config: DictConfig, config_name: str | None) -> None:
 
     from autoround_exp.tracking import open_sweep
 
-    jobs = [(o, compose(config_name=config_name, overrides=o)) for o in job_overrides(config)]
+    # a config folder the user added (hydra.searchpath=[file://...]: their own stack=, model=) composes too
+    searchpath = [o for o in config.hydra.overrides.hydra if o.startswith("hydra.searchpath")]
+    jobs = [(o, compose(config_name=config_name, overrides=[*searchpath, *o])) for o in job_overrides(config)]
     try:
         check_gpus_fit(config, len(jobs))
         validate_jobs(jobs)
@@ -90,6 +92,11 @@ def start(config: DictConfig, config_name: str | None) -> None:
 
 
 # ---------------------------------------------------------------- each job (run.py)
+
+
+def gpu_of_job(job_num: int, gpus: list[int] | None) -> str | None:
+    """The CUDA_VISIBLE_DEVICES of sweep job ``job_num``: jobs take turns on ``gpus``, one GPU each."""
+    return None if gpus is None else str(gpus[job_num % len(gpus)])
 
 
 def job_parent(sweep_dir: str) -> str | None:
@@ -120,15 +127,16 @@ def report_config(config: DictConfig) -> ReportConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ReportConfig), config.report))
 
 
-def report(config: DictConfig) -> None:
-    """The report from the stored runs. The runs are stored whatever happens here: a failing
+def report(config: DictConfig) -> int:
+    """The report from the stored runs (its exit status: 4 for a stack regression that
+    report.fail_on_regression asks about). The runs are stored whatever happens here: a failing
     report never loses a result, and `python -m autoround_exp.report` retries it."""
     from autoround_exp.report.generate import generate
     from autoround_exp.tracking import sweep_parent
 
     tracking = config.tracking
     try:
-        generate(
+        return generate(
             report_config(config),
             Path(config.paths.results),
             log_to=tracking.uri if tracking.enabled else None,
@@ -140,6 +148,7 @@ def report(config: DictConfig) -> None:
             f"autoround-exp report failed ({type(e).__name__}: {e}); rerun `python -m autoround_exp.report` once fixed",
             flush=True,
         )
+        return 0
 
 
 def touched_keys(sweep_dir: Path) -> set[str]:
@@ -161,6 +170,17 @@ def results_table(config: DictConfig, keys: set[str]) -> tuple[str, list[dict]] 
     )
     rows = [row for s in secs if (cs := compact.compact(s, thresholds, report.alpha, keys)) for row in cs.row_dicts()]
     return block.split("\n", 1)[1].strip(), rows  # the block without its generated-by comment
+
+
+def stack_lines(config: DictConfig) -> str | None:
+    """The configs that regressed between software stacks, under the summary (none: nothing)."""
+    from autoround_exp.report.generate import stack_regressions
+
+    try:
+        lines = stack_regressions(Path(config.paths.results), report_config(config).alpha)
+    except Exception as e:  # the runs are stored; `python -m autoround_exp.report` says it again
+        return f"[sweep] stack comparison failed: {type(e).__name__}: {e}"
+    return "\n".join(["[sweep] stack regressions:", *(f"  {line}" for line in lines)]) if lines else None
 
 
 def summarize(sweep_dir: Path, now: float | None = None) -> tuple[str, int]:
@@ -195,10 +215,12 @@ def close_parent(config: DictConfig, sweep_dir: Path, table: str | None, rows: l
         print(f"WARNING: ending the sweep's MLflow run {parent} failed: {type(e).__name__}: {e}", flush=True)
 
 
-def end(config: DictConfig) -> int:
-    """Report, summary, parent run closed; the number of failed runs."""
+def end(config: DictConfig) -> tuple[int, bool]:
+    """Report, summary, parent run closed; the number of failed runs, and whether a config
+    regressed between stacks where report.fail_on_regression asks (the report printed which)."""
+    regressed = False
     if config.report.on_sweep_end:
-        report(config)
+        regressed = report(config) == 4
     sweep_dir = Path(config.hydra.sweep.dir)
     table, rows = None, []
     try:
@@ -206,9 +228,9 @@ def end(config: DictConfig) -> int:
     except Exception as e:  # the runs are stored; `python -m autoround_exp.report` shows them
         table = f"(results table failed: {type(e).__name__}: {e})"
     text, failed = summarize(sweep_dir, now=time.time())
-    print("\n".join(t for t in (table, text) if t), flush=True)
+    print("\n".join(t for t in (table, text, stack_lines(config)) if t), flush=True)
     close_parent(config, sweep_dir, table, rows, failed)
-    return failed
+    return failed, regressed
 
 
 class SweepLifecycle(Callback):
@@ -216,6 +238,10 @@ class SweepLifecycle(Callback):
         start(config, config_name)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if end(config):
+        failed, regressed = end(config)
+        if failed:
             print("autoround-exp: some runs failed; their logs are in results/failed/ and MLflow", file=sys.stderr)
+        if regressed:
+            print("autoround-exp: a config regressed between stacks (report.fail_on_regression=true)", file=sys.stderr)
+        if failed or regressed:
             sys.exit(1)

@@ -37,7 +37,7 @@ def test_every_option_composes_and_validates(group, option):
     # nothing listens on tracking=server's default port here: its door check is test_tracking's
     exp = validate(cfg, serve_env=not (group == "tracking" and option == "server"))
     chosen = OmegaConf.load(CONF / group / f"{option}.yaml")
-    if group in ("model", "scheme", "method", "eval"):
+    if group in ("model", "scheme", "method", "eval", "stack"):
         assert getattr(exp, group).name == option
     elif group == "serve":
         assert exp.serve_choice.requested == chosen.backend == option
@@ -225,7 +225,7 @@ def test_submitit_local_preset_runs_jobs_as_processes():
 
 
 def test_jobs_take_turns_on_the_gpus_one_each():
-    from autoround_exp.config import gpu_of_job
+    from autoround_exp.sweep import gpu_of_job
 
     assert [gpu_of_job(k, [0, 1, 2]) for k in range(5)] == ["0", "1", "2", "0", "1"]
     assert gpu_of_job(3, None) is None

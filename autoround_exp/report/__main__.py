@@ -53,6 +53,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="X | METRIC/FILTER=X",
         help=f"recovery threshold, all metrics or one (default {d.recovery_threshold}); repeatable",
     )
+    p.add_argument(
+        "--fail-on-regression",
+        action="store_true",
+        help="exit 4 if a config's score moved between stacks beyond noise, or it failed in one stack only",
+    )
     p.add_argument("--alpha", type=float, default=d.alpha, help="significance level of the paired tests")
     p.add_argument("--log-mlflow", metavar="URI", help="also log report.md and plots to this MLflow tracking URI")
     return p.parse_args(argv)
@@ -62,6 +67,7 @@ def report_config(args: argparse.Namespace) -> ReportConfig:
     cfg = defaults()
     cfg.alpha, cfg.readme = args.alpha, args.readme or None
     cfg.readme_scope, cfg.readme_max_lines = args.readme_scope, args.readme_max_lines
+    cfg.fail_on_regression = cfg.fail_on_regression or args.fail_on_regression
     for t in args.threshold:
         key, _, value = t.rpartition("=")
         try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from autoround_exp.report import cost, fidelity, plots, tables
+from autoround_exp.report import cost, fidelity, plots, stacks, tables
 from autoround_exp.report.runs import Row, Run, Section
 
 # A config scored by several backends shows the first of these; the others are in report.md.
@@ -311,6 +311,7 @@ def render_block(
                 rel = Path(os.path.relpath(pareto, link_from)).as_posix()
                 parts.append(f"![accuracy vs throughput, {section.title}]({rel})")
         parts += [cs.table(), cs.caption(), *cs.notes()]
+        parts += stacks.parts(section, alpha, plots_dir.parent if plots_dir is not None else None)
         below += cs.below_threshold
         model = section.key.model
         last_of_model = i + 1 == len(shown) or shown[i + 1][0].key.model != model

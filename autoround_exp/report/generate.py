@@ -7,8 +7,9 @@ from pathlib import Path
 
 from autoround_exp.config import ReportConfig
 from autoround_exp.fsutil import write_atomic
-from autoround_exp.report import compact, readme, runs, tables
+from autoround_exp.report import compact, readme, runs, stacks, tables
 from autoround_exp.report.render import render
+from autoround_exp.store import Store
 
 
 def generate(
@@ -23,7 +24,8 @@ def generate(
     run_id: str | None = None,
 ) -> int:
     """0 on success; 1 if ``check`` finds the README stale; 3 if a config is below threshold
-    and ``fail_below_threshold``; 2 on a README without markers."""
+    and ``fail_below_threshold``; 4 if a config regressed between stacks and
+    ``cfg.fail_on_regression``; 2 on a README without markers."""
     loaded = runs.from_mlflow(mlflow_uri, experiment) if mlflow_uri else runs.from_store(results)
     source = f"MLflow ({mlflow_uri})" if mlflow_uri else f"`{results.as_posix()}/`"
     thresholds = tables.Thresholds(cfg.recovery_threshold, dict(cfg.recovery_thresholds))
@@ -76,6 +78,11 @@ def generate(
         print(f"report: below recovery threshold: {line}")
     if fail_below_threshold and report.below_threshold:
         status = status or 3
+    regressed = stacks.regressions(runs.sections(loaded), [] if mlflow_uri else Store(results).failures(), cfg.alpha)
+    for line in regressed:
+        print(f"report: stack regression: {line}")
+    if cfg.fail_on_regression and regressed:
+        status = status or 4
     return status
 
 
@@ -88,3 +95,8 @@ def readme_scope_line(block: compact.ReadmeBlock, cfg: ReportConfig, report: Pat
         why.append(f"{len(block.over_budget)} past its {cfg.readme_max_lines}-line budget (report.readme_max_lines)")
     n = len(block.left_out)
     return f"report: the README shows the headline sections; {n} more only in {report}: {', '.join(why)}"
+
+
+def stack_regressions(results: Path, alpha: float) -> list[str]:
+    """What moved between stacks beyond noise, or failed in one stack only (the sweep's end table)."""
+    return stacks.regressions(runs.sections(runs.from_store(results)), Store(results).failures(), alpha)

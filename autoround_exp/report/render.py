@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from autoround_exp.report import cost, fidelity, plots, tables
+from autoround_exp.report import cost, fidelity, plots, stacks, tables
 from autoround_exp.report.runs import Run, sections
 
 PUBLISHED = Path(__file__).with_name("published.yaml")
@@ -79,6 +79,7 @@ def render(
         parts += [f"⚠ {n}" for n in sorted(notes)]
         if (paired := tables.paired_table(section, alpha)) is not None:
             parts += ["Paired comparisons:", paired]
+        parts += stacks.parts(section, alpha, plots_dir.parent if plots_dir is not None else None)
         if (fid_table := fidelity.table(section, alpha)) is not None:
             parts.append(f"Fidelity against the base: {fidelity.caption(section) or ''}")
             if plots_dir is not None:

@@ -28,6 +28,7 @@ class RowConfig(NamedTuple):
     iters: int | None
     backend: str
     vision_quantized: bool = False
+    stack: str = "pinned"  # the software stack its children ran in (stack=)
 
     @property
     def recipe(self) -> tuple:
@@ -54,7 +55,11 @@ class Run:
     def config(self) -> RowConfig:
         """What a table row is: the recipe and the backend that scored it (seeds aggregate)."""
         r = self.record
-        return RowConfig(r.scheme, r.method, r.iters, r.eval.backend, r.vision_quantized)
+        return RowConfig(r.scheme, r.method, r.iters, r.eval.backend, r.vision_quantized, self.stack)
+
+    @property
+    def stack(self) -> str:
+        return self.record.stack.name if self.record.stack else "pinned"
 
     @property
     def section(self) -> tuple:
@@ -78,28 +83,32 @@ class Run:
     def label(self) -> str:
         """Upstream's heading: <Model>-<SCHEME>-AutoRound (AutoRoundModifier, iters=200)."""
         r = self.record
+        on = f", stack={self.stack}" if self.stack != "pinned" else ""
         if r.method == "none":
-            return f"{r.checkpoint_name} (unquantized)"
+            return f"{r.checkpoint_name} (unquantized{on})"
         if r.method == "rtn":
-            return f"{r.checkpoint_name} (QuantizationModifier)"
+            return f"{r.checkpoint_name} (QuantizationModifier{on})"
         if r.method == "autoround":
-            return f"{r.checkpoint_name} (AutoRoundModifier, iters={r.iters})"
+            return f"{r.checkpoint_name} (AutoRoundModifier, iters={r.iters}{on})"
         if r.method == "autoround_native":
-            return f"{r.checkpoint_name} (auto-round's AutoRound API, iters={r.iters})"
+            return f"{r.checkpoint_name} (auto-round's AutoRound API, iters={r.iters}{on})"
         if r.method in MODIFIERS:
-            return f"{r.checkpoint_name} ({MODIFIERS[r.method]})"
-        return f"{r.checkpoint_name} ({r.method})"
+            return f"{r.checkpoint_name} ({MODIFIERS[r.method]}{on})"
+        return f"{r.checkpoint_name} ({r.method}{on})"
 
     @property
     def short_label(self) -> str:
         r = self.record
-        return record.config_label(r.scheme_preset, r.method, r.iters, r.vision_quantized)
+        label = record.config_label(r.scheme_preset, r.method, r.iters, r.vision_quantized)
+        return label if self.stack == "pinned" else f"{label} [stack={self.stack}]"
 
     def sort_key(self) -> tuple:
         r = self.record
         return (
             r.method != "none",
             r.scheme or "",
+            self.stack != "pinned",  # each stack's rows together, the project's own first
+            self.stack,
             METHOD_ORDER.get(r.method, 9),
             r.iters if r.iters is not None else -1,
             r.vision_quantized,
@@ -225,6 +234,7 @@ def frame(runs: list[Run]):
                     "iters": r.iters,
                     "seed": run.seed,
                     "backend": r.eval.backend,
+                    "stack": run.stack,
                     "task": m.task,
                     "metric": m.metric,
                     "filter": m.filter,

@@ -63,8 +63,10 @@ def mean(row: Row, column: str) -> float | None:
 def baseline_of(section: Section, row: Row) -> Row | None:
     """The unquantized row scored by the same backend (else any unquantized row)."""
     bases = [r for r in section.rows if r.first.record.method == "none"]
-    same = [r for r in bases if r.first.config.backend == row.first.config.backend]
-    return (same or bases or [None])[0]
+    c = row.first.config
+    same_stack = [r for r in bases if r.first.config.backend == c.backend and r.first.config.stack == c.stack]
+    same = [r for r in bases if r.first.config.backend == c.backend]
+    return (same_stack or same or bases or [None])[0]
 
 
 def rtn_of(section: Section, row: Row) -> Row | None:
@@ -127,6 +129,7 @@ def comparisons(section: Section) -> list[tuple[str, Row, Row]]:
             ca, cb = a.first.config, b.first.config
             if ca._replace(iters=None) == cb._replace(iters=None) and ca.iters != cb.iters:
                 out.append(("iters vs iters", a, b))
+    out += stack_pairs(section)
     for row in section.rows:
         c = row.first.config
         # the same scheme and iters through llm-compressor's modifier and auto-round's own API
@@ -139,6 +142,22 @@ def comparisons(section: Section) -> list[tuple[str, Row, Row]]:
             upstream = next((r for r in section.rows if r.first.config == c._replace(vision_quantized=False)), None)
             if upstream is not None:
                 out.append(("vision tower quantized vs not", upstream, row))
+    return out
+
+
+def stack_pairs(section: Section) -> list[tuple[str, Row, Row]]:
+    """Each config of a stack other than the reference against the same config in the reference
+    stack: ``pinned`` where the section has it, else the first by name."""
+    stacks = sorted({row.first.config.stack for row in section.rows}, key=lambda s: (s != "pinned", s))
+    if len(stacks) < 2:
+        return []
+    ref = stacks[0]
+    by_config = {row.first.config: row for row in section.rows}
+    out = []
+    for row in section.rows:
+        c = row.first.config
+        if c.stack != ref and (a := by_config.get(c._replace(stack=ref))) is not None:
+            out.append(("stack vs stack", a, row))
     return out
 
 
