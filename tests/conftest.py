@@ -50,6 +50,7 @@ SLOWEST_FIRST = (
     "test_gpu_check.py",
     "test_autoround_paths.py",
     "test_methods.py",
+    "test_stack.py",
     "test_kill_drill.py",
     "test_launchers_tracking.py",
     "test_verification.py",

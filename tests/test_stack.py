@@ -169,7 +169,9 @@ def test_a_config_that_fails_in_one_stack_only_is_flagged(tmp_path):
 # ---------------------------------------------------------------- the real chain
 
 LIMIT = 20  # test_methods' evaluation: the pinned stack's checkpoints are shared with it
+# RTN and AutoRound in each stack, without the base (the comparison is between stacks)
 SWEEP = ["-m", "scheme=w4a16", "method=rtn,autoround", "iters=16", "serve=hf", f"eval.limit={LIMIT}", *SMALL_CALIB]
+SWEEP += ["baselines=false"]
 
 
 @pytest.mark.slow
@@ -185,7 +187,7 @@ def test_a_sweep_over_two_stacks_compares_them_and_a_stack_that_does_not_resolve
     by_stack = {}
     for r in stored:
         by_stack.setdefault(r.stack.name if r.stack else "pinned", set()).add(r.name)
-    names = {"tiny_llama-base", "tiny_llama-w4a16-rtn", "tiny_llama-w4a16-autoround-iters16"}
+    names = {"tiny_llama-w4a16-rtn", "tiny_llama-w4a16-autoround-iters16"}
     assert by_stack == {"pinned": names, "previous": names}, by_stack
     prev = next(r for r in stored if r.stack and r.name == "tiny_llama-w4a16-autoround-iters16")
     assert prev.versions["llmcompressor"] == "0.13.0" and prev.stack.moved["llmcompressor"] == "0.14.0.1 → 0.13.0"
@@ -204,7 +206,12 @@ def test_a_sweep_over_two_stacks_compares_them_and_a_stack_that_does_not_resolve
     )
     assert "llmcompressor 0.14.0.1 → 0.13.0" in row and ("identical bytes" in row or "weight codes differ in" in row)
     assert "stack regressions:" in out  # the failed stack's configs, under the summary
-    # a re-run builds nothing and runs nothing: both stacks' environments and results are reused
-    again = run_py(tmp_path, *SWEEP, "stack=pinned,previous", "report.readme=null")
+    # a re-run builds nothing and runs nothing: both stacks' environments and results are reused;
+    # asked to, it exits non-zero for the configs still failed in stack=nosuch
+    again = run_py(
+        tmp_path, *SWEEP, "stack=pinned,previous", "report.readme=null", "report.fail_on_regression=true", check=False
+    )
+    assert again.returncode == 1 and "a config regressed between stacks" in again.stderr, again.stderr[-2000:]
+    assert "failed in stack=nosuch" in again.stdout
     assert "[stack] previous: resolved in" in again.stdout and "reused" in again.stdout
     assert "building" not in again.stdout and "[run]" not in again.stdout, again.stdout[-3000:]
