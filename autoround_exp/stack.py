@@ -167,9 +167,15 @@ def requirements(st: StackConfig) -> list[str]:
     return sorted(names) + sorted(pins.values())
 
 
-def _reason(out: str) -> str:
-    lines = [ln.rstrip() for ln in out.splitlines() if ln.strip()]
-    return "\n".join(lines[-REASON_LINES:])
+def uv_step(argv: list[str], timeout_s: float, what: str) -> None:
+    """Run one uv command; ``StackError`` with ``what`` and uv's own last lines if it fails."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise StackError(f"{what}: no answer within {timeout_s:.0f} s") from None
+    if done.returncode != 0:
+        lines = [ln.rstrip() for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+        raise StackError(f"{what} says:\n" + "\n".join(lines[-REASON_LINES:]))
 
 
 def resolve(st: StackConfig, work: Path) -> tuple[str, float]:
@@ -187,14 +193,7 @@ def resolve(st: StackConfig, work: Path) -> tuple[str, float]:
     for name in st.upgrade:
         argv += ["--upgrade-package", name]
     started = time.monotonic()
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=RESOLVE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise StackError(f"stack={st.name} did not resolve within {RESOLVE_TIMEOUT_S} s (uv pip compile)") from None
-    if done.returncode != 0:
-        raise StackError(
-            f"stack={st.name} does not resolve; uv pip compile says:\n{_reason(done.stderr or done.stdout)}"
-        )
+    uv_step(argv, RESOLVE_TIMEOUT_S, f"stack={st.name} does not resolve; uv pip compile")
     lock = "\n".join(ln for ln in out.read_text().splitlines() if ln and not ln.startswith("#")) + "\n"
     out.unlink()
     return lock, time.monotonic() - started
@@ -224,14 +223,7 @@ def build(st: StackConfig, lock: str, env_dir: Path) -> float:
         [uv(), "pip", "install", "--quiet", "--python", str(python), "--no-deps", "-e", str(ROOT)],
     ]  # fmt: skip
     for argv in steps:
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise StackError(f"stack={st.name} did not install within {INSTALL_TIMEOUT_S} s ({argv[1:3]})") from None
-        if done.returncode != 0:
-            raise StackError(
-                f"stack={st.name} resolves but does not install; uv says:\n{_reason(done.stderr + done.stdout)}"
-            )
+        uv_step(argv, INSTALL_TIMEOUT_S, f"stack={st.name} resolves but does not install; uv {argv[1]} {argv[2]}")
     return time.monotonic() - started
 
 
