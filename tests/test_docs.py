@@ -5,6 +5,8 @@ from it."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -138,3 +140,28 @@ def test_configuration_doc_names_every_option_of_each_group(group):
         if f"`{p.stem}`" not in doc
     ]
     assert missing == [], f"docs/configuration.md does not name {group} option(s) {missing}"
+
+
+# The docs' measured tables: each page's results block, written by its sweep into the page from
+# the runs it stored in docs/data/<page>/ (in git, so that anyone can regenerate and check it).
+MEASURED = (
+    sorted(p.name for p in (ROOT / "docs" / "data").iterdir() if p.is_dir())
+    if (ROOT / "docs" / "data").is_dir()
+    else []
+)
+
+
+@pytest.mark.parametrize("page", MEASURED)
+def test_a_measured_block_is_what_its_stored_runs_give(page):
+    argv = [
+        sys.executable,
+        "-m",
+        "autoround_exp.report",
+        "--results",
+        f"docs/data/{page}",
+        "--readme",
+        f"docs/{page}.md",
+    ]
+    proc = subprocess.run([*argv, "--check"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "up to date" in proc.stdout

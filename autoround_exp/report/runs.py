@@ -32,8 +32,8 @@ class RowConfig(NamedTuple):
 
     @property
     def recipe(self) -> tuple:
-        """The config without its backend (one recipe may be scored by several)."""
-        return (self.scheme, self.method, self.iters, self.vision_quantized)
+        """The config without its backend (one recipe may be scored by several); a stack's is its own."""
+        return (self.scheme, self.method, self.iters, self.vision_quantized, self.stack)
 
 
 class SectionKey(NamedTuple):

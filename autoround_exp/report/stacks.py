@@ -106,11 +106,16 @@ def compare_checkpoints(a: str | Path, b: str | Path) -> Diff:
 
 
 def versions_moved(a: RunRecord, b: RunRecord) -> str:
-    """The packages whose versions differ between the two runs' stacks (the records' own lists)."""
+    """The quantization libraries whose versions differ between the two runs (the records' own
+    lists), then the other packages the stacks moved: in full where they are all, else by name."""
     va, vb = dict(a.versions), dict(b.versions)
-    moved = [
-        f"{k} {va.get(k) or '—'} → {vb.get(k) or '—'}" for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)
-    ]
+    named = set(va) | set(vb)
+    moved = [f"{k} {va.get(k) or '—'} → {vb.get(k) or '—'}" for k in sorted(named) if va.get(k) != vb.get(k)]
+    others = {k: v for s in (a.stack, b.stack) if s is not None for k, v in s.moved.items() if k not in named}
+    if not moved and a.stack is None and others:
+        return ", ".join(f"{k} {v}" for k, v in sorted(others.items()))
+    if others:
+        moved.append(f"and {', '.join(sorted(others))}")
     return ", ".join(moved) or "same versions"
 
 
