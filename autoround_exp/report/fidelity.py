@@ -16,6 +16,7 @@ import numpy as np
 from autoround_exp import fidelity
 from autoround_exp.report import tables
 from autoround_exp.report.runs import Row, Section
+from autoround_exp.store import Store
 
 
 def _part(f, images: bool):
@@ -59,10 +60,16 @@ def same_top_cell(row: Row) -> str:
 def positions(row: Row, images: bool = False) -> list[fidelity.Positions] | None:
     """Every chunk of the row's runs, in order (None if one of them has no per-position file)."""
     out = []
-    for f in _measured(row, images):
-        if not f.per_position or not Path(f.per_position).is_file():
+    for run in row.runs:
+        f = _part(run.record.fidelity, images)
+        if f is None or not f.measured:
+            continue
+        path = Path(f.per_position) if f.per_position else None
+        if (path is None or not path.is_file()) and path is not None and run.store is not None:
+            path = Store(run.store).fidelity / path.name  # a store moved or copied: its own folder
+        if path is None or not path.is_file():
             return None
-        out += fidelity.load_positions(Path(f.per_position))
+        out += fidelity.load_positions(path)
     return out or None
 
 

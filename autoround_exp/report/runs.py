@@ -50,6 +50,7 @@ class SectionKey(NamedTuple):
 class Run:
     record: RunRecord
     samples: dict | None  # per-document scores (lmeval_results.per_sample), if stored
+    store: Path | None = None  # the results folder it was read from (None: MLflow)
 
     @property
     def config(self) -> RowConfig:
@@ -155,7 +156,7 @@ class Section:
 
 def from_store(results_dir: str | Path) -> list[Run]:
     store = Store(results_dir)
-    return [Run(rec, store.samples_of(rec.key)) for rec in store.records()]
+    return [Run(rec, store.samples_of(rec.key), Path(results_dir)) for rec in store.records()]
 
 
 def from_mlflow(uri: str, experiment: str) -> list[Run]:
