@@ -159,8 +159,10 @@ def test_fidelity_in_vllms_evaluation_child_reads_its_prompt_log_probabilities(s
         hf = torch.log_softmax(model(input_ids=torch.from_numpy(ids[:, :-1])).logits.double(), -1).numpy()
     ours = np.take_along_axis(hf, indices.astype(np.int64), axis=2)  # every token: vLLM's top k is the vocabulary
     engines = (np.exp(ours) * (ours - logprobs)).sum(-1).mean()  # KL(transformers ‖ vLLM), the same weights
-    # two bfloat16 engines agree far more closely than int8 moves the model (3e-4 against 0.015 here)
-    assert engines < kld / 10 and (hf.argmax(-1) == indices[..., 0]).mean() > 0.98, (engines, kld)
+    # two bfloat16 engines agree to a few 1e-4 nats (2.8e-4 on the AVX-512 + bf16 kind, 3e-4 on the
+    # AVX2 kind). How far int8 moves the model depends on the CPU's kernel (0.015 on AVX2, 0.00075
+    # on AVX-512 + bf16), so the bound is absolute, not a ratio to it
+    assert engines < 1e-3 and (hf.argmax(-1) == indices[..., 0]).mean() > 0.98, (engines, kld)
 
 
 def _log(workdir: Path) -> str:
