@@ -63,7 +63,8 @@ def check_stack(st: StackConfig) -> None:
     if st.name != "pinned" and not changes:
         raise ConfigError(
             f"stack={st.name} changes nothing (stack.quantize and stack.upgrade are empty); pin a release "
-            "(stack.quantize=[llmcompressor==0.13.0]) or name packages to upgrade (stack.upgrade=[auto-round])."
+            """('stack.quantize=["llmcompressor==0.13.0"]', quoted for Hydra) or name packages to upgrade """
+            "(stack.upgrade=[auto-round])."
         )
     for pin in st.quantize:
         try:
@@ -154,13 +155,11 @@ def requirements(st: StackConfig) -> list[str]:
     """What the children need, by name (the resolver picks the versions), with the stack's pins,
     and this environment's torch build unless the stack pins torch: a stack moves the
     quantization libraries, not the machine's torch (CPU or CUDA)."""
-    pins = {canonical(re.split(r"[<>=!~;\[ ]", p, maxsplit=1)[0]): p for p in st.quantize}
+    pins = {canonical(Requirement(p).name): p for p in st.quantize}
     names = []
-    for req in metadata.requires("autoround-exp") or []:
-        if "extra ==" in req:
-            continue
-        name = canonical(re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0])
-        if name not in PARENT_ONLY and name not in pins:
+    for req in map(Requirement, metadata.requires("autoround-exp") or []):
+        name = canonical(req.name)
+        if req.marker is None and name not in PARENT_ONLY and name not in pins:  # markers: the extras
             names.append(name)
     if "torch" not in pins:
         names = [n for n in names if n != "torch"] + [f"torch=={metadata.version('torch')}"]
