@@ -323,7 +323,8 @@ def stack_failed(
     ident = {"run": name, "model": store.model_identity(exp), "stack": asdict(exp.stack), "limit": exp.eval.limit}
     key = "stack-" + digest(ident)
     started_at = datetime.fromtimestamp(started).astimezone().isoformat(timespec="milliseconds")
-    record_failure(exp, name, key, key, sweep_id, err, Path("/nonexistent"), started_at, parent_run_id)
+    logs = Path(exp.paths.work).resolve() / "logs" / key  # none: nothing ran
+    record_failure(exp, name, key, key, sweep_id, err, logs, started_at, parent_run_id)
     first_line = (str(err).splitlines() or [""])[0]
     return [Outcome(name, key, "failed", {}, None, f"{type(err).__name__}: {first_line}")]
 

@@ -32,7 +32,7 @@ DAEMONS = ("slurmctld", "slurmd", "munged")
 
 def watch_squeue(folder: Path, seen: set[str], stop: threading.Event) -> None:
     while not stop.is_set():
-        out = slurm_cluster._run(["squeue", "-h", "-o", "%i %T"], folder).stdout
+        out = slurm_cluster.client(["squeue", "-h", "-o", "%i %T"], folder).stdout
         seen.update(line.split()[0] for line in out.splitlines() if line.strip())
         stop.wait(2)
 

@@ -102,7 +102,8 @@ def env_of(folder: Path) -> dict[str, str]:
     return os.environ | {"SLURM_CONF": str(folder / "slurm.conf")}
 
 
-def _run(argv: list[str], folder: Path, **kw) -> subprocess.CompletedProcess:
+def client(argv: list[str], folder: Path, **kw) -> subprocess.CompletedProcess:
+    """A Slurm command (or daemon) run against the cluster under ``folder``."""
     return subprocess.run(argv, env=env_of(folder), capture_output=True, text=True, **kw)
 
 
@@ -113,9 +114,8 @@ def start_munge(folder: Path) -> None:
     key = m / "munge.key"
     key.write_bytes(os.urandom(128))
     key.chmod(0o400)
-    shutil.chown(m, "munge", "munge")
-    for p in (key,):
-        shutil.chown(p, "munge", "munge")
+    for path in (m, key):
+        shutil.chown(path, "munge", "munge")
     argv = ["munged", f"--key-file={key}", f"--socket={m / 'munge.socket'}", f"--pid-file={m / 'munged.pid'}"]
     argv += [f"--log-file={m / 'munged.log'}", f"--seed-file={m / 'munged.seed'}"]
     done = subprocess.run(["runuser", "-u", "munge", "--", *argv], capture_output=True, text=True)
@@ -139,7 +139,7 @@ def start(folder: str | Path) -> Path:
     try:
         start_munge(folder)
         for daemon in ("slurmctld", "slurmd"):
-            done = _run([daemon], folder)
+            done = client([daemon], folder)
             if done.returncode != 0:
                 raise ClusterError(f"{daemon} did not start: {done.stderr.strip()}\n{tail(folder / f'{daemon}.log')}")
         wait_idle(folder, facts["NodeName"])
@@ -157,7 +157,7 @@ def wait_idle(folder: Path, node: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     state = ""
     while time.monotonic() < deadline:
-        state = _run(["sinfo", "-h", "-n", node, "-o", "%T"], folder).stdout.strip()
+        state = client(["sinfo", "-h", "-n", node, "-o", "%T"], folder).stdout.strip()
         if state == "idle":
             return
         time.sleep(1)
@@ -177,7 +177,7 @@ def stop(folder: str | Path) -> None:
     folder = Path(folder).resolve()
     if (folder / "slurm.conf").is_file():
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            _run(["scancel", "--full", "--user", str(os.getuid())], folder, timeout=30)
+            client(["scancel", "--full", "--user", str(os.getuid())], folder, timeout=30)
     pids = [p for name in ("slurmd", "slurmctld", "munged") if (p := _pid(folder / DAEMONS[name])) is not None]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
