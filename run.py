@@ -33,6 +33,7 @@ def sweep_id() -> str:
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     started = time.time()
+    sweep.on_job_start()  # in a Slurm job: Slurm's SIGTERM ends it at once, with no result written
     try:
         exp = at_the_door(validate(cfg))
     except ConfigError as e:
@@ -48,9 +49,9 @@ def main(cfg: DictConfig) -> None:
         print(f"autoround-exp: {e}", file=sys.stderr)
         if not multirun:
             sys.exit(2)
-        from autoround_exp.pipeline import stack_failed
+        from autoround_exp.pipeline import failed_unrun
 
-        outcomes = stack_failed(exp, sweep_id(), e, sweep.job_parent(hc.sweep.dir), started)
+        outcomes = failed_unrun(exp, sweep_id(), e, sweep.job_parent(hc.sweep.dir), started, cause="stack")
         sweep.job_finished(hc.sweep.dir, hc.job.num, list(hc.overrides.task), outcomes, started)
         return
     progress.set_job(hc.job.num if multirun else 0, hc.sweep.dir if multirun else None, started)

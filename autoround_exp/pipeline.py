@@ -296,7 +296,7 @@ def record_failure(
         error=str(err)[-4000:],
         logs=sorted(str(p) for p in logs.glob("*.log")),
         backend=exp.serve.backend,
-        backend_reason=exp.serve_choice.reason,
+        backend_reason=exp.serve_choice.reason if exp.serve_choice else None,
         config=exp.resolved,
         tracking=Tracking(parent_run_id=parent_run_id),
     )
@@ -313,17 +313,19 @@ def record_failure(
     print(f"[failed] {name} key={key} record={path}", flush=True)
 
 
-def stack_failed(
-    exp: Experiment, sweep_id: str, err: Exception, parent_run_id: str | None, started: float
+def failed_unrun(
+    exp: Experiment, sweep_id: str, err: Exception, parent_run_id: str | None, started: float, cause: str
 ) -> list[Outcome]:
-    """A job whose stack cannot be had (``stack.StackError``): recorded as failed under a key of
-    its config and stack (no versions to key it by), so that the sweep's summary and the report's
-    stack comparison name it; nothing ran."""
+    """A job that failed outside its runs: its stack cannot be had (``cause="stack"``,
+    ``stack.StackError``; nothing ran), or the scheduler ended it before it returned
+    (``cause="slurm"``: cancelled, its time limit, its node). Recorded as failed under a key of
+    its config and stack (no versions to key it by), so that the sweep's summary, the report's
+    stack comparison and a rerun name it."""
     name = run_name(exp)
     ident = {"run": name, "model": store.model_identity(exp), "stack": asdict(exp.stack), "limit": exp.eval.limit}
-    key = "stack-" + digest(ident)
+    key = f"{cause}-" + digest(ident)
     started_at = datetime.fromtimestamp(started).astimezone().isoformat(timespec="milliseconds")
-    logs = Path(exp.paths.work).resolve() / "logs" / key  # none: nothing ran
+    logs = Path(exp.paths.work).resolve() / "logs" / key  # none: no child of this job is known
     record_failure(exp, name, key, key, sweep_id, err, logs, started_at, parent_run_id)
     first_line = (str(err).splitlines() or [""])[0]
     return [Outcome(name, key, "failed", {}, None, f"{type(err).__name__}: {first_line}")]

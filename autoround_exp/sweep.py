@@ -57,6 +57,14 @@ def check_gpus_fit(config: DictConfig, n_jobs: int) -> None:
         )
 
 
+def check_launcher(config: DictConfig) -> None:
+    """A Slurm sweep's settings against what the cluster's partition has (``slurm.check_settings``)."""
+    from autoround_exp import slurm
+
+    if config.hydra.launcher.get("_target_") == slurm.TARGET:
+        slurm.check_settings(config.hydra.launcher)
+
+
 def validate_jobs(jobs: list[tuple[list[str], DictConfig]]) -> None:
     """Every job's config first (fast), then what the serve environment can run (probed once)."""
     from autoround_exp.preflight import at_the_door, validate
@@ -81,6 +89,7 @@ def start(config: DictConfig, config_name: str | None) -> None:
     jobs = [(o, compose(config_name=config_name, overrides=[*searchpath, *o])) for o in job_overrides(config)]
     try:
         check_gpus_fit(config, len(jobs))
+        check_launcher(config)
         validate_jobs(jobs)
     except ConfigError as e:
         print(f"autoround-exp: {e}", file=sys.stderr)
@@ -106,9 +115,19 @@ def job_parent(sweep_dir: str) -> str | None:
     return sweep_parent(sweep_dir)
 
 
+def on_job_start() -> None:
+    from autoround_exp import slurm
+
+    slurm.on_job_start()
+
+
 def job_stopped(tracking: TrackingConfig, parent: str | None, job_num: int, err: BaseException) -> None:
-    """A job stopped by Ctrl-C or SIGTERM: the sweep's MLflow run ends KILLED, not RUNNING."""
-    if parent is None:
+    """A job stopped by Ctrl-C or SIGTERM in the sweep's own process: the sweep's MLflow run ends
+    KILLED, not RUNNING. A job of its own (submitit, Slurm) stopped so leaves the sweep to go on: the
+    launcher records it (``job_ended``)."""
+    from autoround_exp.slurm import in_scheduler_job
+
+    if parent is None or in_scheduler_job():
         return
     from autoround_exp.tracking import kill_sweep
 
@@ -117,6 +136,27 @@ def job_stopped(tracking: TrackingConfig, parent: str | None, job_num: int, err:
 
 
 def job_finished(sweep_dir: str, job_num: int, overrides: list[str], outcomes: list, started: float) -> None:
+    jobstatus.write(sweep_dir, job_num, overrides, outcomes, started)
+
+
+class JobEnded(RuntimeError):
+    """The scheduler ended a job before it returned (the launcher's reason)."""
+
+
+def job_ended(sweep_dir: str, job_num: int, overrides: list[str], cfg: DictConfig, reason: str, started: float) -> None:
+    """A job that ended without returning (Slurm cancelled it or ended it at its time limit, its
+    node failed): its run recorded as failed with the scheduler's reason, unless the job wrote its
+    own status first. Runs it stored before it ended stay stored; a rerun reuses them."""
+    if (Path(sweep_dir) / jobstatus.JOBS / f"{job_num}.json").is_file():
+        return
+    from autoround_exp.pipeline import failed_unrun
+    from autoround_exp.preflight import validate
+
+    try:
+        exp = validate(cfg)
+    except ConfigError:  # the tracking server gone meanwhile: recorded on disk all the same
+        exp = validate(cfg, serve_env=False)
+    outcomes = failed_unrun(exp, Path(sweep_dir).name, JobEnded(reason), job_parent(sweep_dir), started, cause="slurm")
     jobstatus.write(sweep_dir, job_num, overrides, outcomes, started)
 
 

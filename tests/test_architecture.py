@@ -135,7 +135,8 @@ def test_modules_fit_on_a_few_screens():
 
 
 def source_files() -> list[Path]:
-    return sorted([*PACKAGE.rglob("*.py"), *(ROOT / "tools").rglob("*.py"), ROOT / "run.py"])
+    plugins = (ROOT / "hydra_plugins").rglob("*.py")
+    return sorted([*PACKAGE.rglob("*.py"), *(ROOT / "tools").rglob("*.py"), *plugins, ROOT / "run.py"])
 
 
 def test_functions_fit_on_a_screen():

@@ -212,7 +212,7 @@ def test_credentials_in_the_tracking_uri_are_never_logged_or_stored():
 def test_slurm_launcher_preset_composes_to_a_gpu_job_array():
     cfg = compose_cfg(["launcher=submitit_slurm", "hydra.launcher.partition=gpu"], hydra=True)
     launcher = cfg.hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher._target_ == "hydra_plugins.autoround_exp_launcher.SlurmLauncher"  # the waiting one
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1
     assert launcher.timeout_min == 720 and launcher.array_parallelism == 8
     assert validate(compose_cfg(["launcher=submitit_slurm"])).model.name == "tiny_llama"

@@ -3,13 +3,15 @@
     python -m tools.slurm_cluster start DIR     # prints the SLURM_CONF to export
     python -m tools.slurm_cluster stop DIR
 
-Debian's ``slurm-wlm`` and ``munge`` (installed with apt-get where missing), configured under
-``DIR`` only: munged runs as user munge with its own key and socket there, ``slurmctld`` and
-``slurmd`` with ``proctrack/linuxproc``, ``task/none`` and ``select/cons_tres`` on free ports,
-the node sized as ``slurmd -C`` reports it. Nothing of the machine's own configuration
-(/etc/slurm, /etc/munge, systemd) is read or changed; clients find the cluster through
-``SLURM_CONF=DIR/slurm.conf``. ``cluster(DIR)`` is the same as a context manager that always
-stops what it started.
+Debian's ``slurm-wlm``, ``slurmdbd``, ``munge`` and MariaDB's server (installed with apt-get where
+missing), configured under ``DIR`` only: munged runs as user munge with its own key and socket
+there; a MariaDB server with its data there holds the accounting that ``slurmdbd`` keeps, so
+``sacct`` answers with each job's real state (CANCELLED, TIMEOUT, REQUEUED), which submitit
+reads; ``slurmctld`` and ``slurmd`` run with ``proctrack/linuxproc``, ``task/none`` and
+``select/cons_tres`` on free ports, the node sized as ``slurmd -C`` reports it. Nothing of
+the machine's own configuration (/etc/slurm, /etc/munge, /etc/mysql, systemd) is read or
+changed; clients find the cluster through ``SLURM_CONF=DIR/slurm.conf``. ``cluster(DIR)`` is
+the same as a context manager that always stops what it started.
 """
 
 from __future__ import annotations
@@ -25,8 +27,19 @@ import sys
 import time
 from pathlib import Path
 
-PACKAGES = ("slurm-wlm", "munge")
-DAEMONS = {"munged": "munge/munged.pid", "slurmctld": "slurmctld.pid", "slurmd": "slurmd.pid"}
+PACKAGES = ("slurm-wlm", "slurmdbd", "munge", "mariadb-server-core", "mariadb-client-core")
+BINARIES = ("munged", "slurmctld", "slurmd", "slurmdbd", "sbatch", "mariadbd", "mariadb-install-db")
+# started in this order, stopped in the reverse one
+DAEMONS = {
+    "munged": "munge/munged.pid",
+    "mariadbd": "db/mariadbd.pid",
+    "slurmdbd": "slurmdbd.pid",
+    "slurmctld": "slurmctld.pid",
+    "slurmd": "slurmd.pid",
+}
+CLUSTER = "autoround-exp"
+CRED_EXPIRE_S = 10
+DB_USER, DB_NAME = "slurm", "slurm_acct_db"
 START_TIMEOUT_S = 60
 
 
@@ -36,7 +49,7 @@ class ClusterError(RuntimeError):
 
 def install() -> None:
     """Debian's packages, where a daemon is missing (root, as on the project's machines)."""
-    if all(shutil.which(d) for d in ("munged", "slurmctld", "slurmd", "sbatch")):
+    if all(shutil.which(d) for d in BINARIES):
         return
     if os.geteuid() != 0:
         raise ClusterError(f"Slurm is not installed; as root: apt-get install {' '.join(PACKAGES)}")
@@ -57,13 +70,13 @@ def node_facts() -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[0]))
 
 
-def slurm_conf(folder: Path, facts: dict[str, str]) -> str:
+def slurm_conf(folder: Path, facts: dict[str, str], dbd_port: int | None = None) -> str:
     node = facts["NodeName"]
     # a little under what slurmd reports: a node configured larger than the machine is drained
     memory = int(int(facts["RealMemory"]) * 0.9)
     return "\n".join(
         [
-            "ClusterName=autoround-exp",
+            f"ClusterName={CLUSTER}",
             f"SlurmctldHost={node}(127.0.0.1)",
             "SlurmUser=root",
             "SlurmdUser=root",
@@ -71,7 +84,8 @@ def slurm_conf(folder: Path, facts: dict[str, str]) -> str:
             f"SlurmdPort={free_port()}",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={folder / 'munge' / 'munge.socket'}",
+            # a requeued job waits cred_expire seconds before it starts again (default 120)
+            f"AuthInfo=socket={folder / 'munge' / 'munge.socket'},cred_expire={CRED_EXPIRE_S}",
             f"StateSaveLocation={folder / 'state'}",
             f"SlurmdSpoolDir={folder / 'spool'}",
             f"SlurmctldPidFile={folder / DAEMONS['slurmctld']}",
@@ -86,13 +100,45 @@ def slurm_conf(folder: Path, facts: dict[str, str]) -> str:
             "MpiDefault=none",
             "ReturnToService=2",
             "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
+            *(
+                ["AccountingStorageType=accounting_storage/slurmdbd", "AccountingStorageHost=127.0.0.1"]
+                # the munge socket slurmdbd's connections use (else the machine's default one)
+                + [f"AccountingStoragePort={dbd_port}", f"AccountingStoragePass={folder / 'munge' / 'munge.socket'}"]
+                if dbd_port
+                else ["AccountingStorageType=accounting_storage/none"]
+            ),
             "JobCompType=jobcomp/none",
             "KillWait=10",
+            "OverTimeLimit=0",
             "InactiveLimit=0",
             "MinJobAge=300",
             f"NodeName={node} NodeAddr=127.0.0.1 CPUs={facts['CPUs']} RealMemory={memory} State=UNKNOWN",
-            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+            # a job that asks no memory gets its CPUs' share, not the whole node
+            f"DefMemPerCPU={memory // int(facts['CPUs'])}",
+            # two jobs per core, as on a busy node: a test's jobs run together on a 2-core machine
+            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2",
+            "",
+        ]
+    )
+
+
+def slurmdbd_conf(folder: Path, dbd_port: int, db_port: int, password: str) -> str:
+    return "\n".join(
+        [
+            "AuthType=auth/munge",
+            f"AuthInfo=socket={folder / 'munge' / 'munge.socket'}",
+            "DbdHost=localhost",
+            "DbdAddr=127.0.0.1",
+            f"DbdPort={dbd_port}",
+            "SlurmUser=root",
+            f"PidFile={folder / DAEMONS['slurmdbd']}",
+            f"LogFile={folder / 'slurmdbd.log'}",
+            "StorageType=accounting_storage/mysql",
+            "StorageHost=127.0.0.1",
+            f"StoragePort={db_port}",
+            f"StorageUser={DB_USER}",
+            f"StoragePass={password}",
+            f"StorageLoc={DB_NAME}",
             "",
         ]
     )
@@ -123,6 +169,61 @@ def start_munge(folder: Path) -> None:
         raise ClusterError(f"munged did not start: {done.stderr.strip()}")
 
 
+def start_mariadb(folder: Path, port: int, password: str) -> None:
+    """A MariaDB server of its own, its data under ``folder/db``, on 127.0.0.1:``port`` only, with
+    the accounting database and its user made at start (``--init-file``)."""
+    db = folder / "db"
+    data = db / "data"
+    done = subprocess.run(
+        ["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=root", "--skip-test-db"],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise ClusterError(f"mariadb-install-db failed: {done.stderr.strip()[-2000:]}")
+    init = db / "init.sql"
+    init.write_text(
+        f"CREATE DATABASE IF NOT EXISTS {DB_NAME};\n"
+        f"CREATE USER IF NOT EXISTS '{DB_USER}'@'127.0.0.1' IDENTIFIED BY '{password}';\n"
+        f"GRANT ALL ON {DB_NAME}.* TO '{DB_USER}'@'127.0.0.1';\n"
+    )
+    init.chmod(0o600)
+    argv = ["mariadbd", "--no-defaults", f"--datadir={data}", f"--socket={db / 'mariadbd.sock'}"]
+    argv += [f"--port={port}", "--bind-address=127.0.0.1", "--skip-name-resolve", "--user=root"]
+    argv += [f"--pid-file={db / 'mariadbd.pid'}", f"--log-error={db / 'mariadbd.log'}", f"--init-file={init}"]
+    argv += ["--innodb-buffer-pool-size=64M"]
+    subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    log = db / "mariadbd.log"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if log.is_file() and "ready for connections" in log.read_text(errors="replace"):
+            return
+        time.sleep(0.3)
+    raise ClusterError(f"MariaDB did not start in {START_TIMEOUT_S} s:\n{tail(db / 'mariadbd.log')}")
+
+
+def start_accounting(folder: Path, dbd_port: int) -> None:
+    """MariaDB, then slurmdbd on it, then this cluster registered there (before slurmctld starts)."""
+    password = os.urandom(12).hex()
+    db_port = free_port()
+    conf = folder / "slurmdbd.conf"
+    conf.write_text(slurmdbd_conf(folder, dbd_port, db_port, password))
+    conf.chmod(0o600)  # slurmdbd refuses a configuration others can read (it holds the password)
+    start_mariadb(folder, db_port, password)
+    done = client(["slurmdbd"], folder)
+    if done.returncode != 0:
+        raise ClusterError(f"slurmdbd did not start: {done.stderr.strip()}\n{tail(folder / 'slurmdbd.log')}")
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        added = client(["sacctmgr", "-i", "add", "cluster", CLUSTER], folder)
+        if added.returncode == 0 or "already exists" in added.stdout + added.stderr:
+            return
+        time.sleep(0.5)
+    raise ClusterError(f"slurmdbd does not answer sacctmgr: {added.stderr.strip()}\n{tail(folder / 'slurmdbd.log')}")
+
+
 def start(folder: str | Path) -> Path:
     """The cluster under ``folder`` (created; must not exist), up with its node idle."""
     folder = Path(folder).resolve()
@@ -135,9 +236,11 @@ def start(folder: str | Path) -> Path:
     for sub in ("state", "spool"):
         (folder / sub).mkdir()
     facts = node_facts()
-    (folder / "slurm.conf").write_text(slurm_conf(folder, facts))
+    dbd_port = free_port()
+    (folder / "slurm.conf").write_text(slurm_conf(folder, facts, dbd_port))
     try:
         start_munge(folder)
+        start_accounting(folder, dbd_port)
         for daemon in ("slurmctld", "slurmd"):
             done = client([daemon], folder)
             if done.returncode != 0:
@@ -178,12 +281,13 @@ def stop(folder: str | Path) -> None:
     if (folder / "slurm.conf").is_file():
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             client(["scancel", "--full", "--user", str(os.getuid())], folder, timeout=30)
-    pids = [p for name in ("slurmd", "slurmctld", "munged") if (p := _pid(folder / DAEMONS[name])) is not None]
-    for pid in pids:
+    for name in reversed(DAEMONS):  # slurmd first, munged last: each stops while what it talks to is up
+        pid = _pid(folder / DAEMONS[name])
+        if pid is None:
+            continue
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    for pid in pids:
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and alive(pid):
             time.sleep(0.2)
         if alive(pid):
