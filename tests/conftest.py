@@ -48,6 +48,7 @@ SLOWEST_FIRST = (
     "test_vllm_integration.py",
     "test_vlm_integration.py",
     "test_gpu_check.py",
+    "test_slurm.py",
     "test_autoround_paths.py",
     "test_methods.py",
     "test_stack.py",
