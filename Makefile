@@ -2,7 +2,7 @@
 # make test   builds both environments and runs the test suite
 # make bench  what the harness costs on top of the raw steps (prints numbers)
 # make ui-check  the MLflow UI on the demo's runs, screenshotted in headless Chromium (not in CI)
-# make slurm-check  a 4-job sweep as Slurm jobs on a real one-node cluster (Debian's slurm-wlm + munge,
+# make slurm-check  a 4-job sweep as Slurm jobs on a real one-node cluster (Debian's slurm-wlm, slurmdbd, munge, MariaDB,
 #              installed where missing, configured under a temporary folder, always stopped); exit 1 on a failure
 # make gpu-check  the whole chain on the tiny models with a table of expected vs seen per check
 #              (CUDA expectations where a GPU is visible, else the CPU variant); exit 1 on a failure

@@ -27,7 +27,7 @@ SWEEP += ["calibration.nsamples=8", "calibration.seqlen=64", "serve=hf", "eval.l
 SWEEP += ["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=6"]
 SWEEP += ["hydra.launcher.timeout_min=30", "report.readme=null"]
 RECORDS = {"base", "w4a16-rtn", "w4a16-autoround-iters4", "nvfp4-rtn", "nvfp4-autoround-iters4"}
-DAEMONS = ("slurmctld", "slurmd", "munged")
+DAEMONS = ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd")
 
 
 def watch_squeue(folder: Path, seen: set[str], stop: threading.Event) -> None:
