@@ -23,7 +23,7 @@ def test_the_configuration_stays_in_its_folder_and_fits_the_machine(tmp_path):
         assert Path(conf[key]).is_relative_to(tmp_path), key
     assert conf["AuthInfo"].startswith(f"socket={tmp_path / 'munge' / 'munge.socket'},")  # its own munged
     assert conf["AccountingStoragePass"] == str(tmp_path / "munge" / "munge.socket")  # slurmdbd's too
-    assert "cred_expire=10" in conf["AuthInfo"]  # a requeued job starts again after 10 s, not 120
+    assert "cred_expire=5" in conf["AuthInfo"]  # a requeued job starts again after 5 s, not 120
     # without systemd or cgroups (22.05 has no CgroupPlugin=disabled)
     assert (conf["ProctrackType"], conf["TaskPlugin"], conf["SelectType"]) == (
         "proctrack/linuxproc",

@@ -38,7 +38,7 @@ DAEMONS = {
     "slurmd": "slurmd.pid",
 }
 CLUSTER = "autoround-exp"
-CRED_EXPIRE_S = 10
+CRED_EXPIRE_S = 5
 DB_USER, DB_NAME = "slurm", "slurm_acct_db"
 START_TIMEOUT_S = 60
 
@@ -108,7 +108,7 @@ def slurm_conf(folder: Path, facts: dict[str, str], dbd_port: int | None = None)
                 else ["AccountingStorageType=accounting_storage/none"]
             ),
             "JobCompType=jobcomp/none",
-            "KillWait=10",
+            "KillWait=5",  # seconds from SIGTERM to SIGKILL: the harness's jobs exit at SIGTERM
             "OverTimeLimit=0",
             "InactiveLimit=0",
             "MinJobAge=300",
