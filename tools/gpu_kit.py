@@ -1,0 +1,270 @@
+"""make gpu-kit: the wheels that a GPU machine without network lacks for the quantize path.
+
+The machine (issue 33): Python 3.12 with torch (CUDA), transformers 5.17, accelerate, numpy,
+pandas, safetensors, tokenizers, pyarrow and what they need; no package index, and at most
+64 MiB of files carried to it. The kit holds every other package that the quantize child,
+lm-eval's hf backend and the check import, at the versions constraints/quantize.txt pins:
+
+    python -m tools.gpu_kit [--out .gpu-kit] [--no-prove]
+
+- ``cp312/``: for the GPU machine: CPython 3.12 manylinux wheels (``pip download
+  --python-version 3.12 --only-binary=:all:``), pure-Python ones as they are, and the packages
+  published only as source built into wheels here;
+- ``cp<this Python>/``: the same versions for this machine's Python, which prove the kit
+  complete: installed with ``pip install --no-index --no-deps --target`` into a venv that holds
+  only the GPU machine's packages, ``import llmcompressor, auto_round, lm_eval, hydra`` must work;
+- ``manifest.json``: per wheel its package, version, file, bytes and sha256, and what was left
+  out and why.
+
+Exit 1, saying what, where a wheel cannot be had, the 3.12 kit is over 40 MiB, or the proof fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+CONSTRAINTS = ROOT / "constraints" / "quantize.txt"
+LIMIT_BYTES = 40 * 2**20
+TARGET_PYTHON = "3.12"
+# manylinux tags the GPU machine's pip takes (glibc 2.28 or newer)
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "linux_x86_64")
+# what the GPU machine has, with everything these need
+MACHINE = ("torch", "transformers", "accelerate", "numpy", "pandas", "safetensors", "tokenizers", "pyarrow")
+# what it lacks even where a package above would pull it in here
+LACKS = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection")
+# what the harness's quantize path and lm-eval's hf backend import
+ROOTS = ("llmcompressor", "compressed-tensors", "auto-round", "lm-eval", "hydra-core", "omegaconf", "pydantic")
+# declared by lm-eval for metrics of tasks the harness does not run, imported only inside them;
+# the proof's imports and the check's CPU variant run without them (scipy alone is 35 MiB)
+LEFT_OUT = {
+    "scikit-learn": "lm-eval's f1 and mcc metrics only",
+    "scipy": "scikit-learn's",
+    "joblib": "scikit-learn's",
+    "threadpoolctl": "scikit-learn's",
+    "rouge-score": "lm-eval's rouge metric only",
+    "nltk": "rouge-score's",
+    "absl-py": "rouge-score's",
+}
+PROOF_IMPORTS = "import llmcompressor, auto_round, lm_eval, hydra, omegaconf, pydantic, compressed_tensors"
+
+
+class KitError(RuntimeError):
+    pass
+
+
+def pins(path: Path = CONSTRAINTS) -> dict[str, str]:
+    """Package -> version, from the project's constraints."""
+    found = {}
+    for line in path.read_text().splitlines():
+        if m := re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;#]+)", line.strip()):
+            found[canonicalize_name(m[1])] = m[2]
+    return found
+
+
+def closure(roots: tuple[str, ...]) -> set[str]:
+    """The packages ``roots`` need, from this environment's installed metadata (``make env``
+    installs exactly the constraints), extras left out."""
+    seen: set[str] = set()
+    todo = [canonicalize_name(r) for r in roots]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requirements = distribution(name).requires or []
+        except PackageNotFoundError:
+            continue
+        for text in requirements:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(req.name))
+    return seen
+
+
+def plan(versions: dict[str, str] | None = None) -> dict[str, str]:
+    """Package -> pinned version: what the kit holds."""
+    versions = versions if versions is not None else pins()
+    has = closure(MACHINE) - {canonicalize_name(n) for n in LACKS}
+    wanted = sorted(closure(ROOTS) - has - set(LEFT_OUT))
+    missing = [n for n in wanted if n not in versions]
+    if missing:
+        raise KitError(f"not pinned in {CONSTRAINTS.relative_to(ROOT)}: {', '.join(missing)}; run `make env`")
+    return {n: versions[n] for n in wanted}
+
+
+def pip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
+
+
+def unavailable(stderr: str) -> str | None:
+    m = re.search(r"No matching distribution found for ([A-Za-z0-9_.\-]+)", stderr)
+    return canonicalize_name(m[1]) if m else None
+
+
+def download(packages: dict[str, str], dest: Path, python: str | None) -> list[str]:
+    """Wheels of ``packages`` into ``dest`` (``python``: another CPython's tags); the names that
+    have no wheel for it (source only) are returned, to be built."""
+    dest.mkdir(parents=True, exist_ok=True)
+    todo, source_only = dict(packages), []
+    target = []
+    if python:
+        abi = "cp" + python.replace(".", "")
+        target = ["--python-version", python, "--implementation", "cp", "--abi", abi, "--abi", "abi3", "--abi", "none"]
+        target += [f"--platform={p}" for p in PLATFORMS]
+    while todo:
+        done = pip("download", "-q", "--no-deps", "--only-binary=:all:", *target, "-d", str(dest),
+                   *(f"{n}=={v}" for n, v in todo.items()))  # fmt: skip
+        if done.returncode == 0:
+            return source_only
+        name = unavailable(done.stderr)
+        if name is None or name not in todo:
+            raise KitError(f"pip download failed: {done.stderr.strip()[-1500:]}")
+        source_only.append(name)
+        del todo[name]
+    return source_only
+
+
+def build(packages: dict[str, str], dest: Path) -> None:
+    """Source-only packages built into wheels (pure Python: one wheel for every Python)."""
+    for name, version in packages.items():
+        done = pip("wheel", "-q", "--no-deps", "-w", str(dest), f"{name}=={version}")
+        if done.returncode != 0:
+            raise KitError(f"{name}=={version} has no wheel and did not build: {done.stderr.strip()[-1500:]}")
+        for wheel in dest.glob(f"{name.replace('-', '_')}-{version}-*.whl"):
+            if not wheel.name.endswith("-py3-none-any.whl") and not wheel.name.endswith("-py2.py3-none-any.whl"):
+                raise KitError(f"{wheel.name} was built for this machine only; it cannot go to Python {TARGET_PYTHON}")
+
+
+def wheel_name(path: Path) -> str:
+    return canonicalize_name(path.name.split("-")[0])
+
+
+def make_kit(out: Path, packages: dict[str, str]) -> dict[str, Path]:
+    """The kit's wheel folders: the GPU machine's and this machine's, each complete."""
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    folders = {TARGET_PYTHON: out / f"cp{TARGET_PYTHON.replace('.', '')}", here: out / f"cp{here.replace('.', '')}"}
+    built = out / "built"
+    for folder in {*folders.values(), built}:
+        shutil.rmtree(folder, ignore_errors=True)
+    source_only: set[str] = set()
+    for python, folder in folders.items():
+        source_only |= set(download(packages, folder, None if python == here else python))
+    build({n: packages[n] for n in sorted(source_only)}, built)
+    for folder in folders.values():
+        for wheel in built.glob("*.whl"):
+            shutil.copy2(wheel, folder / wheel.name)
+    for python, folder in folders.items():
+        have = {wheel_name(w) for w in folder.glob("*.whl")}
+        if missing := sorted(set(packages) - have):
+            raise KitError(f"the Python {python} kit lacks {', '.join(missing)}")
+    return folders
+
+
+def manifest(folder: Path, packages: dict[str, str]) -> dict:
+    files = []
+    for wheel in sorted(folder.glob("*.whl")):
+        data = wheel.read_bytes()
+        files.append(
+            {
+                "package": wheel_name(wheel),
+                "version": packages.get(wheel_name(wheel)),
+                "file": wheel.name,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
+    return {
+        "python": TARGET_PYTHON,
+        "files": files,
+        "total_bytes": sum(f["bytes"] for f in files),
+        "left_out": LEFT_OUT,
+    }
+
+
+def check_size(m: dict, limit: int = LIMIT_BYTES) -> None:
+    if m["total_bytes"] > limit:
+        biggest = sorted(m["files"], key=lambda f: -f["bytes"])[:5]
+        names = ", ".join(f"{f['file']} ({f['bytes'] / 2**20:.1f} MiB)" for f in biggest)
+        raise KitError(
+            f"the kit is {m['total_bytes'] / 2**20:.1f} MiB, over {limit / 2**20:.0f} MiB; the largest: {names}. "
+            "Leave out what the quantize path does not import (tools/gpu_kit.py LEFT_OUT)."
+        )
+
+
+def prove(folder: Path) -> str:
+    """The kit installed as the GPU machine gets it, beside only that machine's packages:
+    ``pip install --no-index --no-deps --target``, then the imports. Returns what was seen."""
+    versions = pins()
+    with tempfile.TemporaryDirectory(prefix="gpu-kit-proof-") as tmp:
+        venv, target = Path(tmp) / "machine", Path(tmp) / "kit"
+        uv = Path(sys.executable).parent / "uv"
+        if subprocess.run([str(uv), "venv", "-q", "--python", sys.executable, str(venv)]).returncode != 0:
+            raise KitError("uv venv failed")
+        machine = [f"{n}=={versions[canonicalize_name(n)]}" for n in MACHINE]
+        links = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "get", "global.find-links"], capture_output=True, text=True
+        )
+        extra = [a for link in links.stdout.split() for a in ("--find-links", link)]
+        done = subprocess.run(
+            [str(uv), "pip", "install", "-q", "--python", str(venv / "bin" / "python"), *extra, *machine],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise KitError(f"the machine's packages did not install: {done.stderr.strip()[-1500:]}")
+        for name in LACKS:  # what the GPU machine lacks, even where a package above pulls it in here
+            subprocess.run(
+                [str(uv), "pip", "uninstall", "-q", "--python", str(venv / "bin" / "python"), name], capture_output=True
+            )
+        wheels = [str(w) for w in sorted(folder.glob("*.whl"))]
+        done = pip("install", "-q", "--no-index", "--no-deps", "--target", str(target), *wheels)
+        if done.returncode != 0:
+            raise KitError(f"pip install --no-index --no-deps --target failed: {done.stderr.strip()[-1500:]}")
+        code = f"{PROOF_IMPORTS}; print(llmcompressor.__version__, lm_eval.__version__)"
+        env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": tmp}
+        seen = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, env=env)
+        if seen.returncode != 0:
+            raise KitError(f"the kit is not complete: {seen.stderr.strip()[-1500:]}")
+        return seen.stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / ".gpu-kit")
+    parser.add_argument("--no-prove", action="store_true", help="skip the proof in a venv of the machine's packages")
+    args = parser.parse_args(argv)
+    try:
+        packages = plan()
+        folders = make_kit(args.out, packages)
+        m = manifest(folders[TARGET_PYTHON], packages)
+        (args.out / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+        for f in m["files"]:
+            print(f"{f['bytes'] / 2**20:7.2f} MiB  {f['file']}")
+        print(f"gpu-kit: {len(m['files'])} wheels for Python {TARGET_PYTHON}, {m['total_bytes'] / 2**20:.1f} MiB "
+              f"(limit {LIMIT_BYTES / 2**20:.0f} MiB) in {folders[TARGET_PYTHON]}")  # fmt: skip
+        check_size(m)
+        if not args.no_prove:
+            here = next(p for p in folders if p != TARGET_PYTHON)
+            print(f"gpu-kit: proved complete for Python {here}: {prove(folders[here])}")
+    except KitError as e:
+        print(f"gpu-kit: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
