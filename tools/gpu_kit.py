@@ -234,12 +234,12 @@ def prove(folder: Path) -> str:
         done = pip("install", "-q", "--no-index", "--no-deps", "--target", str(target), *wheels)
         if done.returncode != 0:
             raise KitError(f"pip install --no-index --no-deps --target failed: {done.stderr.strip()[-1500:]}")
-        code = f"{PROOF_IMPORTS}; print(llmcompressor.__version__, lm_eval.__version__)"
+        code = f"{PROOF_IMPORTS}; print('llmcompressor', llmcompressor.__version__, 'lm_eval', lm_eval.__version__)"
         env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": tmp}
         seen = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, env=env)
         if seen.returncode != 0:
             raise KitError(f"the kit is not complete: {seen.stderr.strip()[-1500:]}")
-        return seen.stdout.strip()
+        return (seen.stdout.strip().splitlines() or [""])[-1]  # the versions line, not the libraries' warnings
 
 
 def main(argv: list[str] | None = None) -> int:
