@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from autoround_exp import progress, sweep
+from autoround_exp import progress, slurm, sweep
 from autoround_exp.config import ConfigError, register_configs
 from autoround_exp.preflight import at_the_door, validate, with_stack
 from autoround_exp.stack import StackError
@@ -33,7 +33,7 @@ def sweep_id() -> str:
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     started = time.time()
-    sweep.on_job_start()  # in a Slurm job: Slurm's SIGTERM ends it at once, with no result written
+    slurm.on_job_start()  # in a Slurm job: Slurm's SIGTERM ends it at once, with no result written
     try:
         exp = at_the_door(validate(cfg))
     except ConfigError as e:

@@ -22,7 +22,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from autoround_exp import jobstatus
+from autoround_exp import jobstatus, slurm
 from autoround_exp.config import ConfigError, ReportConfig, TrackingConfig
 from autoround_exp.progress import duration, write_total
 
@@ -59,8 +59,6 @@ def check_gpus_fit(config: DictConfig, n_jobs: int) -> None:
 
 def check_launcher(config: DictConfig) -> None:
     """A Slurm sweep's settings against what the cluster's partition has (``slurm.check_settings``)."""
-    from autoround_exp import slurm
-
     if config.hydra.launcher.get("_target_") == slurm.TARGET:
         slurm.check_settings(config.hydra.launcher)
 
@@ -115,19 +113,11 @@ def job_parent(sweep_dir: str) -> str | None:
     return sweep_parent(sweep_dir)
 
 
-def on_job_start() -> None:
-    from autoround_exp import slurm
-
-    slurm.on_job_start()
-
-
 def job_stopped(tracking: TrackingConfig, parent: str | None, job_num: int, err: BaseException) -> None:
     """A job stopped by Ctrl-C or SIGTERM in the sweep's own process: the sweep's MLflow run ends
     KILLED, not RUNNING. A job of its own (submitit, Slurm) stopped so leaves the sweep to go on: the
     launcher records it (``job_ended``)."""
-    from autoround_exp.slurm import in_scheduler_job
-
-    if parent is None or in_scheduler_job():
+    if parent is None or slurm.in_scheduler_job():
         return
     from autoround_exp.tracking import kill_sweep
 
