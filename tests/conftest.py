@@ -47,7 +47,7 @@ SLOWEST_FIRST = (
     "test_perf.py",
     "test_vllm_integration.py",
     "test_vlm_integration.py",
-    "test_gpu_check.py",
+    "test_gpu_offline.py",
     "test_slurm.py",
     "test_autoround_paths.py",
     "test_methods.py",

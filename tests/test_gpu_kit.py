@@ -16,10 +16,19 @@ def test_the_kit_holds_the_quantize_path_at_the_pinned_versions_and_nothing_the_
         assert packages[root] == pinned[root], root
     # what the packages above need and the machine lacks, e.g. Hydra's parser and pydantic's core
     assert {"antlr4-python3-runtime", "pydantic-core", "datasets", "loguru", "sacrebleu"} <= set(packages)
+    # what run.py imports beside them (the Slurm launcher's base), and what a whole gsm8k run needed
+    assert {"hydra-submitit-launcher", "submitit", "pytz"} <= set(packages)
     # nothing the GPU machine has (torch, transformers and what they need)
     assert not {"torch", "transformers", "accelerate", "numpy", "pandas", "huggingface-hub", "pyyaml"} & set(packages)
     # nothing left out on purpose (lm-eval's metrics for tasks the harness does not run)
     assert not set(gpu_kit.LEFT_OUT) & set(packages)
+
+
+def test_extras_a_requirement_asks_for_are_followed():
+    # pytablewriter (lm-eval's results table) asks for typepy[datetime], whose converter imports pytz;
+    # a whole gsm8k run from a kit without it failed there
+    assert "pytz" in gpu_kit.closure(("pytablewriter",))
+    assert "pytz" not in gpu_kit.closure(("typepy",))
 
 
 def test_a_package_missing_from_the_constraints_is_named():

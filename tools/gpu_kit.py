@@ -13,8 +13,8 @@ lm-eval's hf backend and the check import, at the versions constraints/quantize.
 - ``cp<this Python>/``: the same versions for this machine's Python, which prove the kit
   complete: installed with ``pip install --no-index --no-deps --target`` into a venv that holds
   only the GPU machine's packages, ``import llmcompressor, auto_round, lm_eval, hydra`` must work;
-- ``manifest.json``: per wheel its package, version, file, bytes and sha256, and what was left
-  out and why.
+- ``cp*/manifest.json``: per wheel its package, version, file, bytes and sha256, and what was
+  left out and why; ``tools.gpu_offline`` checks the wheels against it before installing them.
 
 Exit 1, saying what, where a wheel cannot be had, the 3.12 kit is over 40 MiB, or the proof fails.
 """
@@ -47,6 +47,8 @@ MACHINE = ("torch", "transformers", "accelerate", "numpy", "pandas", "safetensor
 LACKS = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection")
 # what the harness's quantize path and lm-eval's hf backend import
 ROOTS = ("llmcompressor", "compressed-tensors", "auto-round", "lm-eval", "hydra-core", "omegaconf", "pydantic")
+# what run.py imports beside them (autoround_exp/slurm.py: the Slurm launcher's base)
+ROOTS += ("hydra-submitit-launcher", "submitit")
 # declared by lm-eval for metrics of tasks the harness does not run, imported only inside them;
 # the proof's imports run without them (scipy alone is 35 MiB); a whole gsm8k run from the kit
 # is the next check (issue 33)
@@ -77,23 +79,25 @@ def pins(path: Path = CONSTRAINTS) -> dict[str, str]:
 
 def closure(roots: tuple[str, ...]) -> set[str]:
     """The packages ``roots`` need, from this environment's installed metadata (``make env``
-    installs exactly the constraints), extras left out."""
-    seen: set[str] = set()
-    todo = [canonicalize_name(r) for r in roots]
+    installs exactly the constraints). A requirement's extras are followed where a package asks
+    for them (pytablewriter's ``typepy[datetime]`` brings pytz, which lm-eval's results table
+    imports); the roots' own extras are not."""
+    seen: set[tuple[str, str]] = set()
+    todo = [(canonicalize_name(r), "") for r in roots]
     while todo:
-        name = todo.pop()
-        if name in seen:
+        name, extra = todo.pop()
+        if (name, extra) in seen:
             continue
-        seen.add(name)
+        seen.add((name, extra))
         try:
             requirements = distribution(name).requires or []
         except PackageNotFoundError:
             continue
         for text in requirements:
             req = Requirement(text)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(canonicalize_name(req.name))
-    return seen
+            if req.marker is None or req.marker.evaluate({"extra": extra}):
+                todo += [(canonicalize_name(req.name), e) for e in ("", *sorted(req.extras))]
+    return {name for name, _ in seen}
 
 
 def plan(versions: dict[str, str] | None = None) -> dict[str, str]:
@@ -175,7 +179,7 @@ def make_kit(out: Path, packages: dict[str, str]) -> dict[str, Path]:
     return folders
 
 
-def manifest(folder: Path, packages: dict[str, str]) -> dict:
+def manifest(folder: Path, packages: dict[str, str], python: str = TARGET_PYTHON) -> dict:
     files = []
     for wheel in sorted(folder.glob("*.whl")):
         data = wheel.read_bytes()
@@ -189,7 +193,7 @@ def manifest(folder: Path, packages: dict[str, str]) -> dict:
             }
         )
     return {
-        "python": TARGET_PYTHON,
+        "python": python,
         "files": files,
         "total_bytes": sum(f["bytes"] for f in files),
         "left_out": LEFT_OUT,
@@ -206,53 +210,72 @@ def check_size(m: dict, limit: int = LIMIT_BYTES) -> None:
         )
 
 
-def prove(folder: Path) -> str:
-    """The kit installed as the GPU machine gets it, beside only that machine's packages:
-    ``pip install --no-index --no-deps --target``, then the imports. Returns what was seen."""
+def machine_venv(tmp: Path) -> Path:
+    """A venv of the GPU machine's packages only (pip too, as the machine has it); its Python."""
     versions = pins()
+    venv = tmp / "machine"
+    uv = Path(sys.executable).parent / "uv"
+    if subprocess.run([str(uv), "venv", "-q", "--seed", "--python", sys.executable, str(venv)]).returncode != 0:
+        raise KitError("uv venv failed")
+    python = str(venv / "bin" / "python")
+    machine = [f"{n}=={versions[canonicalize_name(n)]}" for n in MACHINE]
+    links = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "get", "global.find-links"], capture_output=True, text=True
+    )
+    extra = [a for link in links.stdout.split() for a in ("--find-links", link)]
+    done = subprocess.run(
+        [str(uv), "pip", "install", "-q", "--python", python, *extra, *machine], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise KitError(f"the machine's packages did not install: {done.stderr.strip()[-1500:]}")
+    for name in LACKS:  # what the GPU machine lacks, even where a package above pulls it in here
+        subprocess.run([str(uv), "pip", "uninstall", "-q", "--python", python, name], capture_output=True)
+    return Path(python)
+
+
+def prove(folder: Path, check_out: Path | None = None) -> str:
+    """The kit installed as the GPU machine gets it, beside only that machine's packages:
+    ``pip install --no-index --no-deps --target``, then the imports; with ``check_out``, also the
+    whole check's CPU variant from the kit there (``tools.gpu_offline --kit``). Returns what was seen."""
     with tempfile.TemporaryDirectory(prefix="gpu-kit-proof-") as tmp:
-        venv, target = Path(tmp) / "machine", Path(tmp) / "kit"
-        uv = Path(sys.executable).parent / "uv"
-        if subprocess.run([str(uv), "venv", "-q", "--python", sys.executable, str(venv)]).returncode != 0:
-            raise KitError("uv venv failed")
-        machine = [f"{n}=={versions[canonicalize_name(n)]}" for n in MACHINE]
-        links = subprocess.run(
-            [sys.executable, "-m", "pip", "config", "get", "global.find-links"], capture_output=True, text=True
-        )
-        extra = [a for link in links.stdout.split() for a in ("--find-links", link)]
-        done = subprocess.run(
-            [str(uv), "pip", "install", "-q", "--python", str(venv / "bin" / "python"), *extra, *machine],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            raise KitError(f"the machine's packages did not install: {done.stderr.strip()[-1500:]}")
-        for name in LACKS:  # what the GPU machine lacks, even where a package above pulls it in here
-            subprocess.run(
-                [str(uv), "pip", "uninstall", "-q", "--python", str(venv / "bin" / "python"), name], capture_output=True
-            )
+        python = machine_venv(Path(tmp))
+        target = Path(tmp) / "kit"
         wheels = [str(w) for w in sorted(folder.glob("*.whl"))]
         done = pip("install", "-q", "--no-index", "--no-deps", "--target", str(target), *wheels)
         if done.returncode != 0:
             raise KitError(f"pip install --no-index --no-deps --target failed: {done.stderr.strip()[-1500:]}")
         code = f"{PROOF_IMPORTS}; print('llmcompressor', llmcompressor.__version__, 'lm_eval', lm_eval.__version__)"
         env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": tmp}
-        seen = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, env=env)
+        seen = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env)
         if seen.returncode != 0:
             raise KitError(f"the kit is not complete: {seen.stderr.strip()[-1500:]}")
-        return (seen.stdout.strip().splitlines() or [""])[-1]  # the versions line, not the libraries' warnings
+        versions = (seen.stdout.strip().splitlines() or [""])[-1]  # the versions line, not the libraries' warnings
+        if check_out is not None:  # as on the GPU machine: that Python, the kit folder, nothing else
+            argv = [str(python), "-m", "tools.gpu_offline", "--kit", str(folder.parent), "--out", str(check_out)]
+            argv += ["--device", "cpu", "--budget-s", "1200"]
+            env = {"PATH": "/usr/bin:/bin", "HOME": tmp}
+            if subprocess.run(argv, cwd=ROOT, env=env).returncode != 0:
+                raise KitError(f"the check's CPU variant from the kit failed: {check_out / 'table.md'}")
+        return versions
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / ".gpu-kit")
     parser.add_argument("--no-prove", action="store_true", help="skip the proof in a venv of the machine's packages")
+    parser.add_argument(
+        "--check-out",
+        type=Path,
+        help="also run the GPU check's CPU variant (tools.gpu_offline) from the kit in that venv, its rows here",
+    )
     args = parser.parse_args(argv)
     try:
         packages = plan()
         folders = make_kit(args.out, packages)
-        m = manifest(folders[TARGET_PYTHON], packages)
-        (args.out / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+        for python, folder in folders.items():  # each folder carries its own (the GPU machine gets cp312/ alone)
+            (folder / "manifest.json").write_text(json.dumps(manifest(folder, packages, python), indent=2) + "\n")
+        (args.out / "manifest.json").unlink(missing_ok=True)  # where an older kit kept the 3.12 one
+        m = json.loads((folders[TARGET_PYTHON] / "manifest.json").read_text())
         for f in m["files"]:
             print(f"{f['bytes'] / 2**20:7.2f} MiB  {f['file']}")
         print(f"gpu-kit: {len(m['files'])} wheels for Python {TARGET_PYTHON}, {m['total_bytes'] / 2**20:.1f} MiB "
@@ -260,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         check_size(m)
         if not args.no_prove:
             here = next(p for p in folders if p != TARGET_PYTHON)
-            print(f"gpu-kit: proved complete for Python {here}: {prove(folders[here])}")
+            print(f"gpu-kit: proved complete for Python {here}: {prove(folders[here], args.check_out)}")
     except KitError as e:
         print(f"gpu-kit: {e}", file=sys.stderr)
         return 1
