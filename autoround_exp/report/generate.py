@@ -7,7 +7,7 @@ from pathlib import Path
 
 from autoround_exp.config import ReportConfig
 from autoround_exp.fsutil import write_atomic
-from autoround_exp.report import compact, readme, runs, stacks, tables
+from autoround_exp.report import card, compact, readme, runs, stacks, tables
 from autoround_exp.report.render import render
 from autoround_exp.store import Store
 
@@ -39,6 +39,11 @@ def generate(
     if not check:
         write_atomic(results / "report.md", report.markdown)
         print(f"report: {len(loaded)} runs -> {results / 'report.md'}, {len(report.plots)} plot(s)")
+        written, unchanged, gone = card.write_cards(loaded)
+        if written or unchanged or gone:
+            gone_text = f"; {gone} checkpoint folder(s) no longer here" if gone else ""
+            counts = f"{written} written, {unchanged} unchanged{gone_text}"
+            print(f"report: model cards (README.md in each checkpoint folder): {counts}")
         if log_to:
             from autoround_exp.report.mlflow_log import log_report
 
