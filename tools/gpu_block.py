@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from autoround_exp.fsutil import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LLAMA = ROOT / "autoround_exp" / "tiny" / "assets" / "tiny_llama"
@@ -156,12 +157,6 @@ def measure(block: Path, calib: Path, plan: Plan, device: str, method: str, iter
     }
 
 
-def write(path: Path, found: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(found, indent=2))
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.gpu_block", description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), required=True)
@@ -176,13 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibration_text(args.work, plan.nsamples * plan.seqlen)
     found = {"plan": asdict(plan), "block_params": params, "build_s": round(time.perf_counter() - t0, 1)}
     found["configs"] = []
-    write(args.json, found)  # the plan, before the first config is measured
+    write_atomic(args.json, json.dumps(found, indent=2))  # the plan, before the first config is measured
     print(
         f"[block] {plan.shape.label} block, {params / 1e6:.0f}M parameters, built in {found['build_s']} s", flush=True
     )
     for method, iters in [*(("autoround", i) for i in plan.iters), ("rtn", None)]:
         found["configs"].append(measure(block, calib, plan, args.device, method, iters, args.work))
-        write(args.json, found)
+        write_atomic(args.json, json.dumps(found, indent=2))
         print(f"[block] {json.dumps(found['configs'][-1])}", flush=True)
     return 0
 

@@ -212,12 +212,13 @@ class Check:
     name: str
     expected: str
     seen: str
-    ok: bool
+    ok: bool | None  # None: not run (tools.gpu_offline's stages the budget left out)
 
 
 def render(checks: list[Check]) -> str:
     head = ("check", "expected", "seen", "result")
-    rows = [head, *((c.name, c.expected, c.seen, "PASS" if c.ok else "FAIL") for c in checks)]
+    verdict = {True: "PASS", False: "FAIL", None: "SKIP"}
+    rows = [head, *((c.name, c.expected, c.seen, verdict[c.ok]) for c in checks)]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = []
     for n, row in enumerate(rows):

@@ -43,7 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from autoround_exp import child
-from tools import gpu_block
+from autoround_exp.fsutil import write_atomic
+from tools import gpu_block, gpu_kit
 from tools.gpu_check import MIN_STRICT, SMALL_CALIB, STRICT, Check, gpu_visible, render, verification_check
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,16 +127,10 @@ class Run:
         )
 
     def write_table(self, final: bool = False) -> None:
-        checks = [Check(f"{r.stage}: {r.check}", r.expected, r.seen, r.result != "FAIL") for r in self.rows]
-        text = render(checks)
-        lines = text.splitlines()
-        for n, r in enumerate(self.rows):  # render knows PASS and FAIL only
-            if r.result == "SKIP":
-                lines[n + 2] = lines[n + 2][: -len("PASS")] + "SKIP"
-        tmp = self.out / "table.md.tmp"
+        verdict = {"PASS": True, "FAIL": False, "SKIP": None}
+        checks = [Check(f"{r.stage}: {r.check}", r.expected, r.seen, verdict[r.result]) for r in self.rows]
         tail = f"\n{self.summary()}\n" if final else ""
-        tmp.write_text(f"```\n{chr(10).join(lines)}\n```\n{tail}")
-        os.replace(tmp, self.out / "table.md")
+        write_atomic(self.out / "table.md", f"```\n{render(checks)}\n```\n{tail}")
 
     def log(self, text: str) -> None:
         with (self.out / "check.log").open("a") as f:
@@ -247,7 +242,7 @@ def env_stage(run: Run) -> None:
         run.add("env", "the quantize path imports", "llmcompressor, auto_round, lm_eval, hydra", last, False)
         return
     info = json.loads(done.stdout.strip().splitlines()[-1])
-    pins = pinned()
+    pins = gpu_kit.pins()
     versions = info["versions"]
     off = {n: v for n, v in versions.items() if pins.get(n) not in (None, v)}
     seen = ", ".join(f"{n} {v}" for n, v in versions.items())
@@ -266,17 +261,6 @@ def env_stage(run: Run) -> None:
         seen = "no CUDA device"
     want = "a CUDA GPU" if run.device == "cuda" else "the CPU (no GPU visible)"
     run.add("env", "device", want, seen, info["cuda"] == (run.device == "cuda"))
-
-
-def pinned() -> dict[str, str]:
-    from packaging.utils import canonicalize_name
-
-    found = {}
-    for line in (ROOT / "constraints" / "quantize.txt").read_text().splitlines():
-        name, _, version = line.partition("==")
-        if version and not line.startswith("#"):
-            found[canonicalize_name(name.strip())] = version.split(";")[0].strip()
-    return found
 
 
 def run_py(run: Run, stage: str, args: tuple[str, ...]) -> int | None:
